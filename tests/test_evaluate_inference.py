@@ -99,6 +99,7 @@ def test_slide_inference_on_sharded_batch():
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharded = jax.device_put(images, NamedSharding(mesh, PartitionSpec("data")))
     ours = slide_inference(context_predict, sharded, crop=64, stride=43, windows_per_call=2)
+    assert ours.sharding.spec == PartitionSpec("data")  # windows are cut and summed per device
     expected, _, _ = mmseg_slide(
         images, lambda x: np.asarray(context_predict(x)), (64, 64), (43, 43)
     )

@@ -80,9 +80,11 @@ def test_confusion_matrix_on_sharded_batch_matches_numpy():
     labels, preds = _random_maps(1, (8, 16, 24))
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharding = NamedSharding(mesh, PartitionSpec("data"))
-    sharded = confusion_matrix(
-        jax.device_put(labels, sharding), jax.device_put(preds, sharding), num_classes=K
-    )
+    args = (jax.device_put(labels, sharding), jax.device_put(preds, sharding))
+    sharded = confusion_matrix(*args, num_classes=K)
+    # Each device counts its own pixels; only the (K*K + 1) counts are all-reduced.
+    hlo = confusion_matrix.lower(*args, num_classes=K).compile().as_text()
+    assert "all-gather" not in hlo and "all-reduce" in hlo
     valid = labels < K
     expected = np.zeros((K, K), np.int64)
     np.add.at(expected, (labels[valid], preds[valid]), 1)
