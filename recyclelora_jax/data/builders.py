@@ -1,0 +1,211 @@
+"""TFDS builders of the six datasets (manual download, ArrayRecord, no TensorFlow needed).
+
+Each example: `image` (the original encoded bytes, or PNG when resized), `label` (PNG of train
+ids, 255 = ignore, same size as the image) and `file_name`. `MANUAL_DOWNLOAD_INSTRUCTIONS` of each
+builder is the folder layout `--manual_dir` must hold (that of the official download).
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from recyclelora_jax.data import codecs, labels, layouts
+from recyclelora_jax.data.convert import ConvertTask, Pair, convert_all
+
+
+class DgBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Shared machinery: a dataset subclass only lists its pairs and its label task."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    SPLITS: ClassVar[dict[str, str]] = {}  # TFDS split name → the dataset's own split folder name
+
+    def __init__(self, *, skip_invalid: bool = False, num_workers: int = 1, **kwargs):
+        kwargs.setdefault("file_format", "array_record")
+        self.skip_invalid = skip_invalid
+        self.num_workers = num_workers
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=(self.__doc__ or "").strip(),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+                    "label": tfds.features.Tensor(shape=(), dtype=np.object_),
+                    "file_name": tfds.features.Text(),
+                }
+            ),
+        )
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where finished conversion chunks wait until the whole dataset is written."""
+        name = self.info.full_name.replace("/", "__")
+        return Path(self._data_dir_root) / "dg_prepare_cache" / name
+
+    def download_and_prepare(self, *args, **kwargs):
+        """TFDS writes into a temporary folder renamed at the end; then the cache is dropped."""
+        super().download_and_prepare(*args, **kwargs)
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
+
+    def _split_generators(self, dl_manager):
+        root = layouts.require_dir(Path(dl_manager.manual_dir), f"{self.name} manual download")
+        return {
+            split: self._generate_examples(root, folder) for split, folder in self.SPLITS.items()
+        }
+
+    def _generate_examples(self, root: Path, split: str):
+        examples = convert_all(
+            self.pairs(root, split),
+            self.task(root, split),
+            self.cache_dir / split,
+            num_workers=self.num_workers,
+            skip_invalid=self.skip_invalid,
+        )
+        for example in examples:
+            yield example["file_name"], example
+
+    def pair_files(self, image_dir: Path, label_dir: Path, image_suffix: str, label_suffix: str):
+        return layouts.pair_files(
+            image_dir, label_dir, image_suffix, label_suffix, skip_invalid=self.skip_invalid
+        )
+
+    def pairs(self, root: Path, split: str) -> list[Pair]:
+        raise NotImplementedError
+
+    def task(self, root: Path, split: str) -> ConvertTask:
+        raise NotImplementedError
+
+
+class DgGtav(DgBuilder):
+    """GTAV (Richter et al. 2016): game frames, labels are Cityscapes label ids (SPEC §6)."""
+
+    SPLITS: ClassVar[dict[str, str]] = {"train": "train"}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "images/*.png and labels/*.png (palette PNGs of label ids)"
+
+    def pairs(self, root, split):
+        return self.pair_files(root / "images", root / "labels", ".png", ".png")
+
+    def task(self, root, split):
+        return ConvertTask(labels.GTAV)
+
+
+class DgSynthia(DgBuilder):
+    """SYNTHIA RAND-CITYSCAPES: class ids in the first channel of 16-bit colour label PNGs."""
+
+    SPLITS: ClassVar[dict[str, str]] = {"train": "train"}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "RGB/*.png and GT/LABELS/*.png"
+
+    def pairs(self, root, split):
+        return self.pair_files(root / "RGB", root / "GT" / "LABELS", ".png", ".png")
+
+    def task(self, root, split):
+        return ConvertTask(labels.SYNTHIA, functools.partial(codecs.decode_label_channel, 0))
+
+
+class DgCityscapes(DgBuilder):
+    """Cityscapes fine annotations (train 2,975 / val 500)."""
+
+    SPLITS: ClassVar[dict[str, str]] = {"train": "train", "validation": "val"}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and "
+        "gtFine/{train,val}/<city>/*_gtFine_labelIds.png"
+    )
+
+    def pairs(self, root, split):
+        return self.pair_files(
+            root / "leftImg8bit" / split,
+            root / "gtFine" / split,
+            "_leftImg8bit.png",
+            "_gtFine_labelIds.png",
+        )
+
+    def task(self, root, split):
+        return ConvertTask(labels.CITYSCAPES)
+
+
+class DgBdd100k(DgBuilder):
+    """BDD100K 10k semantic segmentation (train 7,000 / val 1,000); masks hold train ids."""
+
+    SPLITS: ClassVar[dict[str, str]] = {"train": "train", "validation": "val"}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "images/10k/{train,val}/*.jpg and labels/sem_seg/masks/{train,val}/*.png"
+    )
+
+    def pairs(self, root, split):
+        return self.pair_files(
+            root / "images" / "10k" / split,
+            root / "labels" / "sem_seg" / "masks" / split,
+            ".jpg",
+            ".png",
+        )
+
+    def task(self, root, split):
+        return ConvertTask(labels.BDD100K)
+
+
+class DgMapillary(DgBuilder):
+    """Mapillary Vistas v1.2 (train 18,000 / val 2,000), 66 classes mapped by name.
+
+    Config `half` stores the validation split at half resolution (image bicubic, label nearest),
+    the evaluation protocol of the reference; `full` keeps every image as downloaded.
+    """
+
+    SPLITS: ClassVar[dict[str, str]] = {"train": "training", "validation": "validation"}
+    BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
+        tfds.core.BuilderConfig(name="full", description="original resolution"),
+        tfds.core.BuilderConfig(name="half", description="validation at half resolution"),
+    ]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "config_v1.2.json (or config.json), {training,validation}/images/*.jpg and "
+        "{training,validation}/v1.2/labels/*.png (or {training,validation}/labels/*.png)"
+    )
+
+    def pairs(self, root, split):
+        split_dir = root / split
+        return self.pair_files(
+            split_dir / "images", layouts.mapillary_label_dir(split_dir), ".jpg", ".png"
+        )
+
+    def task(self, root, split):
+        table = labels.mapillary_table(layouts.mapillary_class_names(root))
+        return ConvertTask(table, halve=self.builder_config.name == "half" and split != "training")
+
+
+class DgAcdc(DgBuilder):
+    """ACDC (adverse conditions: fog, night, rain, snow), Cityscapes label ids."""
+
+    SPLITS: ClassVar[dict[str, str]] = {"train": "train", "validation": "val"}
+    CONDITIONS = ("fog", "night", "rain", "snow")
+    BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
+        tfds.core.BuilderConfig(name="all", description="all four conditions"),
+        *(tfds.core.BuilderConfig(name=c, description=f"{c} only") for c in CONDITIONS),
+    ]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "rgb_anon/<condition>/{train,val}/<sequence>/*_rgb_anon.png and "
+        "gt/<condition>/{train,val}/<sequence>/*_gt_labelIds.png"
+    )
+
+    def pairs(self, root, split):
+        name = self.builder_config.name
+        conditions = self.CONDITIONS if name == "all" else (name,)
+        return [
+            pair
+            for c in conditions
+            for pair in self.pair_files(
+                root / "rgb_anon" / c / split,
+                root / "gt" / c / split,
+                "_rgb_anon.png",
+                "_gt_labelIds.png",
+            )
+        ]
+
+    def task(self, root, split):
+        return ConvertTask(labels.CITYSCAPES)

@@ -1,0 +1,136 @@
+"""Raw-id → Cityscapes train-id tables of every dataset, written once as data.
+
+Each table is a `LabelTable`: a 256-entry lookup (raw id → train id, 255 = ignore) plus the set of
+raw ids the dataset may contain, so a label with an unknown value is reported, never silently
+mapped to ignore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+IGNORE = 255
+
+CLASS_NAMES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)  # fmt: skip
+NUM_CLASSES = len(CLASS_NAMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelTable:
+    """Lookup `lut[raw] = train id` and the mask `valid[raw]` of raw ids the dataset defines."""
+
+    name: str
+    lut: np.ndarray
+    valid: np.ndarray
+
+    def map(self, raw: np.ndarray, file_name: str) -> np.ndarray:
+        """Maps raw ids to train ids; raises naming `file_name` on ids outside the table."""
+        bad = ~self.valid[raw]
+        if bad.any():
+            values = sorted(int(v) for v in np.unique(raw[bad]))
+            raise ValueError(
+                f"{file_name}: label values {values[:10]} are not in the {self.name} label table"
+            )
+        return self.lut[raw]
+
+
+def make_table(name: str, mapping: Mapping[int, int], valid_ids: Iterable[int]) -> LabelTable:
+    """Builds a `LabelTable`; ids in `valid_ids` but not in `mapping` map to ignore."""
+    lut = np.full(256, IGNORE, np.uint8)
+    valid = np.zeros(256, bool)
+    valid[list(valid_ids)] = True
+    for raw, train_id in mapping.items():
+        if not valid[raw]:
+            raise ValueError(f"{name}: mapped raw id {raw} is not a valid id")
+        lut[raw] = train_id
+    return LabelTable(name, lut, valid)
+
+
+# Cityscapes labelIds 0..33 (README of cityscapesScripts); GTAV uses the same ids (SPEC §6).
+CITYSCAPES_ID_TO_TRAIN = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+    26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}  # fmt: skip
+CITYSCAPES = make_table("Cityscapes", CITYSCAPES_ID_TO_TRAIN, range(34))
+GTAV = make_table("GTAV", CITYSCAPES_ID_TO_TRAIN, range(34))
+
+# SYNTHIA RAND-CITYSCAPES class ids 0..22 (its README); the 16 shared classes as in DAFormer's
+# conversion (terrain, truck and train are absent).
+SYNTHIA_ID_TO_TRAIN = {
+    3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10, 10: 11, 17: 12, 8: 13, 19: 15,
+    12: 17, 11: 18,
+}  # fmt: skip
+SYNTHIA = make_table("SYNTHIA", SYNTHIA_ID_TO_TRAIN, range(23))
+
+# BDD100K sem_seg masks already hold train ids.
+BDD100K = make_table("BDD100K", {i: i for i in range(NUM_CLASSES)}, [*range(NUM_CLASSES), IGNORE])
+
+# Mapillary Vistas v1.2, by class name (SPEC §6); every other v1.2 class is ignored.
+MAPILLARY_NAME_TO_CLASS = {
+    "construction--flat--road": "road",
+    "construction--flat--crosswalk-plain": "road",
+    "construction--flat--parking": "road",
+    "construction--flat--bike-lane": "road",
+    "construction--flat--service-lane": "road",
+    "marking--crosswalk-zebra": "road",
+    "marking--general": "road",
+    "construction--flat--sidewalk": "sidewalk",
+    "construction--flat--pedestrian-area": "sidewalk",
+    "construction--barrier--curb": "sidewalk",
+    "construction--flat--curb-cut": "sidewalk",
+    "construction--structure--building": "building",
+    "construction--barrier--wall": "wall",
+    "construction--barrier--fence": "fence",
+    "object--support--pole": "pole",
+    "object--support--utility-pole": "pole",
+    "object--street-light": "pole",
+    "object--traffic-light": "traffic light",
+    "object--traffic-sign--front": "traffic sign",
+    "object--traffic-sign--back": "traffic sign",
+    "nature--vegetation": "vegetation",
+    "nature--terrain": "terrain",
+    "nature--sky": "sky",
+    "human--person": "person",
+    "human--rider--bicyclist": "rider",
+    "human--rider--motorcyclist": "rider",
+    "human--rider--other-rider": "rider",
+    "object--vehicle--car": "car",
+    "object--vehicle--truck": "truck",
+    "object--vehicle--bus": "bus",
+    "object--vehicle--on-rails": "train",
+    "object--vehicle--motorcycle": "motorcycle",
+    "object--vehicle--bicycle": "bicycle",
+}
+MAPILLARY_V12_IGNORED = (
+    "animal--bird", "animal--ground-animal", "construction--barrier--guard-rail",
+    "construction--barrier--other-barrier", "construction--flat--rail-track",
+    "construction--structure--bridge", "construction--structure--tunnel", "nature--mountain",
+    "nature--sand", "nature--snow", "nature--water", "object--banner", "object--bench",
+    "object--bike-rack", "object--billboard", "object--catch-basin", "object--cctv-camera",
+    "object--fire-hydrant", "object--junction-box", "object--mailbox", "object--manhole",
+    "object--phone-booth", "object--pothole", "object--support--traffic-sign-frame",
+    "object--trash-can", "object--vehicle--boat", "object--vehicle--caravan",
+    "object--vehicle--other-vehicle", "object--vehicle--trailer", "object--vehicle--wheeled-slow",
+    "void--car-mount", "void--ego-vehicle", "void--unlabeled",
+)  # fmt: skip
+
+
+def mapillary_table(class_names: list[str]) -> LabelTable:
+    """Table for a Vistas `config.json` whose i-th label has name `class_names[i]` (v1.2)."""
+    unknown = [n for n in class_names if n not in MAPILLARY_NAME_TO_CLASS]
+    unknown = [n for n in unknown if n not in MAPILLARY_V12_IGNORED]
+    if unknown:
+        raise ValueError(f"Mapillary config has class names that are not Vistas v1.2: {unknown}")
+    mapping = {
+        i: CLASS_NAMES.index(MAPILLARY_NAME_TO_CLASS[n])
+        for i, n in enumerate(class_names)
+        if n in MAPILLARY_NAME_TO_CLASS
+    }
+    return make_table("Mapillary Vistas v1.2", mapping, range(len(class_names)))
