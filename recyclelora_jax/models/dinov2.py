@@ -10,6 +10,7 @@ blocks 8-23, rules select layers by path), and the measured compile time at dept
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -34,9 +35,13 @@ class DinoV2Arch:
     mlp_ratio: float = 4.0
     ffn: str = "mlp"  # "mlp" (fc1-GELU-fc2) or "swiglu" (ViT-g)
     num_register_tokens: int = 0
+    # FFN hidden width when a checkpoint does not follow the `mlp_ratio` rule; None = the rule.
+    ffn_hidden: int | None = None
 
     @property
     def mlp_hidden(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
         hidden = int(self.embed_dim * self.mlp_ratio)
         if self.ffn == "swiglu":  # two thirds, rounded up to a multiple of 8 (official rule)
             hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
@@ -57,6 +62,12 @@ ARCHS.update(
 DEFAULT_OUT_INDICES = (7, 11, 15, 23)
 
 
+def _dense(parent: Attention | Mlp, features: int, name: str) -> nn.Module:
+    """A linear layer of `parent`, adapted where the adapter layout names its path."""
+    path = f"{parent.prefix}/{name}"
+    return make_dense(features, name, path, parent.adapters, parent.dtype, parent.param_dtype)
+
+
 class Attention(nn.Module):
     num_heads: int
     prefix: str
@@ -67,9 +78,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, c = x.shape
-        dense = lambda f, name: make_dense(  # noqa: E731
-            f, name, f"{self.prefix}/{name}", self.adapters, self.dtype, self.param_dtype
-        )
+        dense = functools.partial(_dense, self)
         qkv = dense(3 * c, "qkv")(x).reshape(b, t, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = jax.nn.dot_product_attention(q, k, v).reshape(b, t, c)
@@ -87,9 +96,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        dense = lambda f, name: make_dense(  # noqa: E731
-            f, name, f"{self.prefix}/{name}", self.adapters, self.dtype, self.param_dtype
-        )
+        dense = functools.partial(_dense, self)
         if self.kind == "swiglu":
             x1, x2 = jnp.split(dense(2 * self.hidden, "w12")(x), 2, axis=-1)
             return dense(c, "w3")(nn.silu(x1) * x2)
@@ -120,10 +127,10 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        norm = lambda name: nn.LayerNorm(  # noqa: E731
+        norm = lambda name: nn.LayerNorm(
             LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
-        ls = lambda name: LayerScale(self.layerscale_init, self.param_dtype, name=name)  # noqa: E731
+        ls = lambda name: LayerScale(self.layerscale_init, self.param_dtype, name=name)
         common = dict(adapters=self.adapters, dtype=self.dtype, param_dtype=self.param_dtype)
         attn = Attention(self.arch.num_heads, f"{self.prefix}/attn", name="attn", **common)
         mlp = Mlp(self.arch.mlp_hidden, self.arch.ffn, f"{self.prefix}/mlp", name="mlp", **common)
@@ -182,29 +189,21 @@ class DinoV2(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (batch, 1, a.embed_dim)), x], 1)
         x = x + self._position_embedding(pos, gh, gw, height == width).astype(dtype)
         if a.num_register_tokens:
-            reg = self.param(
-                "register_tokens", trunc, (1, a.num_register_tokens, a.embed_dim), pd
-            )
+            reg = self.param("register_tokens", trunc, (1, a.num_register_tokens, a.embed_dim), pd)
             reg = jnp.broadcast_to(reg.astype(dtype), (batch, *reg.shape[1:]))
             x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], axis=1)
 
         block_cls = nn.remat(Block) if self.remat else Block
         n_prefix = 1 + a.num_register_tokens
-        features = []
+        kept = {}
         for i in range(a.depth):
-            x = block_cls(
-                a,
-                f"blocks_{i}",
-                self.adapters,
-                self.layerscale_init,
-                self.dtype,
-                pd,
-                name=f"blocks_{i}",
-            )(x)
+            name = f"blocks_{i}"
+            x = block_cls(a, name, self.adapters, self.layerscale_init, dtype, pd, name=name)(x)
             if i in self.out_indices:
-                features.append(x[:, n_prefix:].reshape(batch, gh, gw, a.embed_dim))
+                kept[i] = x[:, n_prefix:].reshape(batch, gh, gw, a.embed_dim)
+        features = [kept[i] for i in self.out_indices]
 
-        x_norm = nn.LayerNorm(LN_EPS, dtype=self.dtype, param_dtype=pd, name="norm")(x)
+        x_norm = nn.LayerNorm(LN_EPS, dtype=dtype, param_dtype=pd, name="norm")(x)
         return {
             "x_norm_clstoken": x_norm[:, 0],
             "x_norm_regtokens": x_norm[:, 1:n_prefix],
@@ -252,4 +251,3 @@ _LINEAR_NAMES = {
 def linear_layer_paths(arch: DinoV2Arch) -> list[str]:
     """Every adaptable linear layer of the backbone, as module paths ``blocks_N/attn/qkv``."""
     return [f"blocks_{i}/{m}" for i in range(arch.depth) for m in _LINEAR_NAMES[arch.ffn]]
-

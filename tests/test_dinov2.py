@@ -1,0 +1,151 @@
+"""DINOv2 backbone parity with `transformers` (PyTorch, random weights), imported by the project.
+
+Tolerance: 1e-4 max-abs in float32 with highest matmul precision (conftest), on outputs of
+magnitude ~1 after 3 random blocks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from _torch_dinov2 import reference_model, run_reference, save_hub, use_official_interpolation
+
+from recyclelora_jax.convert import load_dinov2
+from recyclelora_jax.models.dinov2 import ARCHS, DinoV2, DinoV2Arch, linear_layer_paths
+from recyclelora_jax.peft.layers import AdapterSpec
+
+TOL = 1e-4
+OUT = (0, 1)  # intermediate blocks compared, besides the final normed tokens
+NATIVE, NON_NATIVE = (32, 32), (40, 24)  # 4x4 patch grid = the pretrained grid; 5x3 is not
+TINY_ARCH = dict(embed_dim=128, depth=2, num_heads=2, patch_size=8, pos_grid=4)
+
+
+def _images(hw, batch=2, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, *hw, 3)).astype(np.float32)
+
+
+def _compare(model, params, ref, images, n_prefix):
+    out = jax.jit(model.apply)({"params": params}, jnp.asarray(images))
+    last, hidden = run_reference(ref, images)
+    tokens = np.concatenate(
+        [
+            np.asarray(out["x_norm_clstoken"])[:, None],
+            np.asarray(out["x_norm_regtokens"]),
+            np.asarray(out["x_norm_patchtokens"]),
+        ],
+        axis=1,
+    )
+    np.testing.assert_allclose(tokens, last, atol=TOL, rtol=0)
+    b, h, w, _ = images.shape
+    p = model.arch.patch_size
+    for i, feat in zip(model.out_indices, out["features"], strict=True):
+        assert feat.shape == (b, h // p, w // p, model.arch.embed_dim)
+        want = hidden[i][:, n_prefix:].reshape(feat.shape)
+        np.testing.assert_allclose(np.asarray(feat), want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "hw"),
+    [("plain", NATIVE), ("plain", NON_NATIVE), ("swiglu", NON_NATIVE), ("registers", NATIVE)],
+)
+def test_matches_transformers_size_form(tmp_path, kind, hw):
+    ref = reference_model(kind)
+    model, params = load_dinov2(save_hub(ref, tmp_path), interpolate_offset=0.0, out_indices=OUT)
+    assert model.arch.ffn == ("swiglu" if kind == "swiglu" else "mlp")
+    _compare(model, params, ref, _images(hw), 1 + model.arch.num_register_tokens)
+
+
+def test_registers_default_to_antialiased_size_form(tmp_path):
+    """Dinov2WithRegisters interpolates with antialias=True; load_dinov2 picks that by itself."""
+    ref = reference_model("registers")
+    model, params = load_dinov2(save_hub(ref, tmp_path), out_indices=OUT)
+    assert (model.interpolate_offset, model.interpolate_antialias) == (0.0, True)
+    # 72x48 -> 9x6 grid: upsampling, where the antialiased kernel (a=-0.5) differs from a=-0.75.
+    _compare(model, params, ref, _images((72, 48)), 5)
+
+
+def test_official_offset_form(tmp_path):
+    """Default (n + 0.1) / N rule vs the reference model patched to the official
+    `F.interpolate(scale_factor=...)` call."""
+    ref = reference_model("plain")
+    model, params = load_dinov2(save_hub(ref, tmp_path), out_indices=OUT)
+    assert model.interpolate_offset == 0.1
+    use_official_interpolation(ref)
+    _compare(model, params, ref, _images(NON_NATIVE), 1)
+
+
+def test_mask_token_matches_bool_masked_pos(tmp_path):
+    ref = reference_model("plain")
+    model, params = load_dinov2(save_hub(ref, tmp_path), out_indices=OUT)
+    images = _images(NATIVE)
+    masks = np.random.default_rng(1).random((2, 16)) < 0.5
+    out = jax.jit(model.apply)({"params": params}, jnp.asarray(images), jnp.asarray(masks))
+    with torch.no_grad():
+        want = ref(
+            torch.from_numpy(images).permute(0, 3, 1, 2), bool_masked_pos=torch.from_numpy(masks)
+        ).last_hidden_state.numpy()
+    np.testing.assert_allclose(np.asarray(out["x_norm_patchtokens"]), want[:, 1:], atol=TOL)
+
+
+def test_remat_and_bfloat16_compute(tmp_path):
+    model, params = load_dinov2(save_hub(reference_model(), tmp_path), out_indices=OUT)
+    images = jnp.asarray(_images(NON_NATIVE))
+    base = jax.jit(model.apply)({"params": params}, images)["x_norm_patchtokens"]
+
+    def loss(x, m):
+        return m.apply({"params": params}, x)["x_norm_patchtokens"].sum()
+
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    np.testing.assert_allclose(grad(images, model.clone(remat=True)), grad(images, model), atol=TOL)
+    low = jax.jit(model.clone(dtype=jnp.bfloat16).apply)({"params": params}, images)
+    low = low["x_norm_patchtokens"]
+    assert low.dtype == jnp.bfloat16
+    assert params["blocks_0"]["attn"]["qkv"]["kernel"].dtype == jnp.float32
+    # bf16 keeps ~3 significant digits; 3 blocks of random weights stay within a few percent.
+    assert float(jnp.abs(low.astype(jnp.float32) - base).mean()) < 0.05
+
+
+def test_vit_l_tree_without_allocation_matches_transformers_count():
+    arch = ARCHS["vitl14"]
+    start = time.process_time()  # CPU time: robust to other jobs on a shared machine
+    tree = jax.eval_shape(
+        DinoV2(arch).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 518, 518, 3), jnp.float32)
+    )["params"]
+    elapsed = time.process_time() - start
+    ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    config = transformers.Dinov2Config(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=518
+    )
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in transformers.Dinov2Model(config).parameters())
+    assert ours == theirs
+    assert elapsed < 1.0, f"eval_shape of ViT-L took {elapsed:.2f}s"
+
+
+def test_adapter_hook_places_adapters_and_rejects_unknown_layers():
+    arch = DinoV2Arch(**TINY_ARCH)
+    spec = AdapterSpec((("main", 4),), scale=1.0)
+    images = jnp.zeros((1, 32, 32, 3))
+    model = DinoV2(arch, out_indices=(0,), adapters=(("blocks_1/mlp/fc2", spec),))
+    params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    adapter = params["blocks_1"]["mlp"]["fc2"]["adapter_main"]
+    assert (adapter["a"].shape, adapter["b"].shape) == ((512, 4), (4, 128))
+    assert "adapter_main" not in params["blocks_0"]["mlp"]["fc2"]
+    assert len(linear_layer_paths(arch)) == 4 * arch.depth
+    bad = DinoV2(arch, out_indices=(0,), adapters=(("blocks_9/attn/qkv", spec),))
+    with pytest.raises(ValueError, match="blocks_9/attn/qkv"):
+        bad.init(jax.random.key(0), images)
+
+
+def test_bad_inputs_are_named():
+    model = DinoV2(DinoV2Arch(**TINY_ARCH), out_indices=(5,))
+    with pytest.raises(ValueError, match=r"out_indices \[5\]"):
+        model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match="smaller than one 8px patch"):
+        model.clone(out_indices=(0,)).init(jax.random.key(0), jnp.zeros((1, 4, 32, 3)))
