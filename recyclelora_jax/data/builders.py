@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from recyclelora_jax.data import codecs, labels, layouts
 from recyclelora_jax.data.convert import ConvertTask, Pair, convert_all
@@ -23,6 +24,8 @@ class DgBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared machinery: a dataset subclass only lists its pairs and its label task."""
 
     VERSION = tfds.core.Version("1.0.0")
+    # TFDS derives this from package resources, which fails for editable installs.
+    code_path = epath.Path(__file__)
     SPLITS: ClassVar[dict[str, str]] = {}  # TFDS split name → the dataset's own split folder name
 
     def __init__(self, *, skip_invalid: bool = False, num_workers: int = 1, **kwargs):

@@ -24,6 +24,7 @@ from recyclelora_jax.data import codecs
 from recyclelora_jax.data.labels import LabelTable
 
 log = logging.getLogger(__name__)
+CHUNK_SIZE = 64  # examples per cached chunk: the unit of resumption and of parallel work
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +103,10 @@ def convert_all(
     *,
     num_workers: int = 1,
     skip_invalid: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> Iterator[dict]:
     """Converts `pairs` (reusing cached chunks), then yields the examples in order."""
+    chunk_size = chunk_size or CHUNK_SIZE
     cache_dir.mkdir(parents=True, exist_ok=True)
     chunks = [pairs[i : i + chunk_size] for i in range(0, len(pairs), chunk_size)]
     paths = [cache_dir / f"chunk{i:06d}-{_chunk_key(c, task)}.pkl" for i, c in enumerate(chunks)]
@@ -114,7 +116,7 @@ def convert_all(
             "Resuming: %d of %d chunks already converted", len(chunks) - len(todo), len(chunks)
         )
     bar = tqdm.tqdm(total=sum(len(chunks[i]) for i in todo), desc="Converting", unit="img")
-    if num_workers <= 1:
+    if num_workers <= 1 or len(todo) <= 1:
         for i in todo:
             _convert_chunk(chunks[i], task, skip_invalid, paths[i])
             bar.update(len(chunks[i]))

@@ -1,0 +1,155 @@
+"""Training input: TFDS ArrayRecord sources → grain (shuffle, augment, batch), checkpointable.
+
+Several sources are concatenated (multi-source settings), each optionally a random subset drawn
+from the seed (GTAV: 12,403 by default, as the reference does per run). A fixed permutation of the
+concatenation, identical in every process, is cut into contiguous per-process shards, so shards
+are disjoint, cover the data and mix all sources. grain reshuffles each shard every epoch and gives
+every record a generator keyed on (seed, global position), so results do not depend on the
+number of workers, and `iter(loader).get_state()` (JSON bytes) restores the exact stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import grain.python as grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from recyclelora_jax.data import codecs, transforms
+
+log = logging.getLogger(__name__)
+GTAV_SUBSET = 12_403
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A dataset split; `subset`: how many records to draw (None: GTAV 12,403, others all)."""
+
+    builder: str
+    split: str
+    data_dir: str
+    subset: int | None = None
+
+
+class MixedSource(grain.RandomAccessDataSource):
+    """Concatenation of subsets of TFDS data sources, in a seeded fixed order.
+
+    Data sources are opened lazily in each process (workers included), so pickling is cheap.
+    """
+
+    def __init__(self, sources: Sequence[Source], seed: int):
+        self.sources = list(sources)
+        self.seed = seed
+        self._opened: list | None = None
+        parts = []
+        for k, (source, n) in enumerate(zip(self.sources, self._lengths(), strict=True)):
+            size = source.subset
+            if size is None and source.builder.split("/")[0] == "dg_gtav":
+                size = GTAV_SUBSET
+            if size is not None and size > n:
+                log.warning(
+                    "%s has %d records, fewer than the subset %d: using all", source, n, size
+                )
+            rng = np.random.default_rng([seed, k])
+            picked = (
+                np.sort(rng.choice(n, size, replace=False)) if size and size < n else np.arange(n)
+            )
+            parts.append(np.stack([np.full(len(picked), k), picked], 1))
+        records = np.concatenate(parts)
+        self.records = records[np.random.default_rng([seed, len(parts)]).permutation(len(records))]
+
+    def _lengths(self) -> list[int]:
+        return [len(ds) for ds in self._data_sources()]
+
+    def _data_sources(self) -> list:
+        if self._opened is None:
+            self._opened = [
+                tfds.data_source(s.builder, split=s.split, data_dir=s.data_dir)
+                for s in self.sources
+            ]
+        return self._opened
+
+    def __getstate__(self):
+        return {**self.__dict__, "_opened": None}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:  # grain checks it when restoring an iterator state
+        return f"MixedSource({self.sources}, seed={self.seed})"
+
+    def __getitem__(self, index: int) -> dict:
+        k, i = self.records[index]
+        return self._data_sources()[k][int(i)]
+
+
+class TrainAugment(grain.RandomMapTransform):
+    """Decodes a stored example and applies SPEC §6's augmentation with the record's generator."""
+
+    def __init__(self, crop_size: tuple[int, int]):
+        self.crop_size = tuple(crop_size)
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        name = element["file_name"]
+        image = codecs.decode_image(element["image"], name)
+        label = codecs.decode_label(element["label"], name)
+        image, label = transforms.train_augment(image, label, rng, self.crop_size)
+        return {"image": image, "label": label}
+
+
+def _ensure_absl_flags() -> None:
+    """grain's worker processes read absl flags; a plain script has not parsed them."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_sampler(num_records: int, seed: int, shard_index: int, shard_count: int):
+    """Infinite, per-epoch reshuffled sampler of one contiguous shard of `num_records`."""
+    return grain.IndexSampler(
+        num_records=num_records,
+        shard_options=grain.ShardOptions(shard_index, shard_count, drop_remainder=True),
+        shuffle=True,
+        num_epochs=None,
+        seed=seed,
+    )
+
+
+def make_train_loader(
+    sources: Sequence[Source | tuple],
+    *,
+    batch_size: int,
+    crop_size: tuple[int, int] = (512, 512),
+    seed: int = 0,
+    num_workers: int = 0,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    worker_buffer_size: int = 2,
+) -> grain.DataLoader:
+    """Infinite loader of {"image": (b, H, W, 3) float32 normalised, "label": (b, H, W) int32}.
+
+    `batch_size` is per process; shards default to this JAX process among all of them.
+    """
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    data = MixedSource([s if isinstance(s, Source) else Source(*s) for s in sources], seed)
+    if len(data) < shard_count * batch_size:
+        raise ValueError(
+            f"{len(data)} records cannot fill batches of {batch_size} on {shard_count} shards"
+        )
+    sampler = make_sampler(len(data), seed, shard_index, shard_count)
+    if num_workers:
+        _ensure_absl_flags()
+    return grain.DataLoader(
+        data_source=data,
+        sampler=sampler,
+        operations=[TrainAugment(crop_size), grain.Batch(batch_size, drop_remainder=True)],
+        worker_count=num_workers,
+        worker_buffer_size=worker_buffer_size,
+    )
