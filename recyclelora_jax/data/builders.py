@@ -110,7 +110,9 @@ class DgSynthia(DgBuilder):
         return self.pair_files(root / "RGB", root / "GT" / "LABELS", ".png", ".png")
 
     def task(self, root, split):
-        return ConvertTask(labels.SYNTHIA, functools.partial(codecs.decode_label_channel, 0))
+        return ConvertTask(
+            labels.SYNTHIA, functools.partial(codecs.decode_label_channel, channel=0)
+        )
 
 
 class DgCityscapes(DgBuilder):

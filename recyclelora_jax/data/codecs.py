@@ -32,7 +32,7 @@ def decode_label(data: bytes, file_name: str = "<bytes>") -> np.ndarray:
         raise ValueError(f"{file_name}: not a decodable label image ({err})") from err
 
 
-def decode_label_channel(data: bytes, channel: int, file_name: str = "<bytes>") -> np.ndarray:
+def decode_label_channel(data: bytes, file_name: str = "<bytes>", *, channel: int) -> np.ndarray:
     """One channel (RGB index) of a possibly 16-bit colour PNG, as SYNTHIA stores its class ids."""
     raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if raw is None or raw.ndim != 3:
