@@ -1,0 +1,1 @@
+"""Training: parameter groups and optimizer (``optim``), sharding, checkpoints, the loop."""

@@ -1,0 +1,255 @@
+"""Parameter groups, schedules and the AdamW optimizer of SPEC §5, through ``optax.partition``.
+
+Groups come from regex rules over '/'-joined parameter paths of the full tree
+``{"backbone": ..., "head": ...}`` (first matching rule wins; every leaf must be covered).
+Frozen leaves are split off before differentiation and get no optimizer state at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+Params = dict[str, Any]
+FROZEN = "frozen"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroup:
+    """A trainable group: lr multiplier and whether it starts with the base weight decay
+    (``False`` starts at 0; with annealing it still rises toward ``wd_eta_min``, as in mmengine)."""
+
+    name: str
+    lr_mult: float = 1.0
+    weight_decay: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """SPEC §5 defaults: AdamW, poly LR (power 0.9) to 0, cosine-annealed weight decay."""
+
+    lr: float = 1e-4
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    wd_eta_min: float = 1e-5
+    anneal_weight_decay: bool = True
+    total_steps: int = 40_000
+    lr_power: float = 0.9
+    warmup_steps: int = 0
+
+
+# Label rules: (regex searched in the path, group name or FROZEN).
+_HEAD_RULES = (
+    (r"^head/.*(query_feat|query_embed|level_embed)", "head_no_decay"),
+    (r"^head/.*norm", "head_no_decay"),
+    (r"^head/", "head"),
+)
+_HEAD_GROUPS = (ParamGroup("head_no_decay", 1.0, False), ParamGroup("head", 1.0, True))
+
+RECYCLELORA_RULES = (
+    (r"^backbone/.*/adapter_main/", "main"),
+    (r"^backbone/.*/adapter_sub/", "sub"),
+    (r"^backbone/", FROZEN),
+    *_HEAD_RULES,
+)
+RECYCLELORA_GROUPS = (ParamGroup("main", 1.0, False), ParamGroup("sub", 0.5, False), *_HEAD_GROUPS)
+
+FROZEN_BACKBONE_RULES = ((r"^backbone/", FROZEN), *_HEAD_RULES)
+FROZEN_BACKBONE_GROUPS = _HEAD_GROUPS
+
+
+def soma_rules(first_block: int = 8, depth: int = 24) -> tuple[tuple[str, str], ...]:
+    """SoMA (SPEC §8): adapters and biases of the adapted layers in blocks
+    ``[first_block, depth)`` train at lr ×0.5 (5e-5); the rest of the backbone is frozen."""
+    blocks = "|".join(str(i) for i in range(first_block, depth))
+    layer = rf"^backbone/blocks_({blocks})/(attn/qkv|attn/proj|mlp/fc1|mlp/fc2)/"
+    return (
+        (layer + "adapter_", "backbone"),
+        (layer + "bias$", "backbone"),
+        (r"^backbone/", FROZEN),
+        *_HEAD_RULES,
+    )
+
+
+SOMA_GROUPS = (ParamGroup("backbone", 0.5, True), *_HEAD_GROUPS)
+
+
+def full_finetune_rules() -> tuple[tuple[str, str], ...]:
+    """Full fine-tuning: the whole backbone trains (norms without weight decay)."""
+    return (
+        (r"^backbone/.*norm", "backbone_no_decay"),
+        (r"^backbone/", "backbone"),
+        *_HEAD_RULES,
+    )
+
+
+def full_finetune_groups(backbone_lr_mult: float = 0.1) -> tuple[ParamGroup, ...]:
+    """Backbone lr ×0.1 by default, the usual mmseg Mask2Former setting (SPEC leaves it open)."""
+    return (
+        ParamGroup("backbone_no_decay", backbone_lr_mult, False),
+        ParamGroup("backbone", backbone_lr_mult, True),
+        *_HEAD_GROUPS,
+    )
+
+
+def label_params(
+    params: Params, rules: Sequence[tuple[str, str]], groups: Sequence[ParamGroup] = ()
+) -> Params:
+    """A tree of group names, one per leaf: the first rule whose regex is found in the path.
+
+    Raises naming every uncovered path, and (when ``groups`` is given) any rule naming a group
+    that is neither defined nor ``FROZEN``.
+    """
+    if groups:
+        known = {g.name for g in groups} | {FROZEN}
+        unknown = sorted({name for _, name in rules} - known)
+        if unknown:
+            raise ValueError(f"label rules name undefined groups {unknown}; known: {sorted(known)}")
+    compiled = [(re.compile(pattern), name) for pattern, name in rules]
+    labels, uncovered = {}, []
+    for path in traverse_util.flatten_dict(params, sep="/"):
+        name = next((n for pattern, n in compiled if pattern.search(path)), None)
+        if name is None:
+            uncovered.append(path)
+        labels[path] = name
+    if uncovered:
+        raise ValueError(f"{len(uncovered)} parameters match no label rule: {uncovered}")
+    return traverse_util.unflatten_dict(labels, sep="/")
+
+
+def _select(params: Params, labels: Params, keep: Callable[[str], bool]) -> Params:
+    flat_labels = traverse_util.flatten_dict(labels, sep="/")
+    flat = traverse_util.flatten_dict(params, sep="/")
+    if flat.keys() != flat_labels.keys():
+        missing = sorted(flat.keys() ^ flat_labels.keys())
+        raise ValueError(f"params and labels differ at {missing}")
+    return traverse_util.unflatten_dict(
+        {k: v for k, v in flat.items() if keep(flat_labels[k])}, sep="/"
+    )
+
+
+def split_trainable(params: Params, labels: Params) -> tuple[Params, Params]:
+    """``(trainable, frozen)`` subtrees; differentiate only the first."""
+    return (
+        _select(params, labels, lambda name: name != FROZEN),
+        _select(params, labels, lambda name: name == FROZEN),
+    )
+
+
+def merge_trees(a: Params, b: Params) -> Params:
+    """Union of two trees with disjoint leaves (the inverse of ``split_trainable``)."""
+    flat_a = traverse_util.flatten_dict(a, sep="/")
+    flat_b = traverse_util.flatten_dict(b, sep="/")
+    shared = sorted(flat_a.keys() & flat_b.keys())
+    if shared:
+        raise ValueError(f"trees overlap at {shared}")
+    return traverse_util.unflatten_dict({**flat_a, **flat_b}, sep="/")
+
+
+def poly_lr(cfg: OptimConfig, mult: float = 1.0) -> optax.Schedule:
+    """``lr·mult·(1 - t/T)^power`` after an optional linear warmup, held at 0 from ``T`` on."""
+    peak = cfg.lr * mult
+    decay_steps = cfg.total_steps - cfg.warmup_steps
+    if decay_steps <= 0:
+        raise ValueError(f"total_steps {cfg.total_steps} must exceed warmup {cfg.warmup_steps}")
+    decay = optax.polynomial_schedule(peak, 0.0, cfg.lr_power, decay_steps)
+    if not cfg.warmup_steps:
+        return decay
+    warmup = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
+    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+def cosine_wd(cfg: OptimConfig, start: float) -> optax.Schedule:
+    """mmengine ``CosineAnnealingParamScheduler`` in closed form, held at ``eta_min`` after T:
+    ``eta_min + (start - eta_min)(1 + cos(pi t / T)) / 2``, evaluated as
+    ``start·cos²(x/2) + eta_min·sin²(x/2)`` so float32 keeps the tiny first steps of a group
+    that starts at 0."""
+    eta, total = cfg.wd_eta_min, cfg.total_steps
+
+    def schedule(step: jax.Array) -> jax.Array:
+        half = jnp.minimum(step, total).astype(jnp.float32) * (math.pi / (2 * total))
+        return start * jnp.cos(half) ** 2 + eta * jnp.sin(half) ** 2
+
+    return schedule
+
+
+def group_transform(cfg: OptimConfig, group: ParamGroup) -> optax.GradientTransformation:
+    """torch-style AdamW for one group: the decay ``lr·wd·p`` is decoupled from the Adam
+    direction and scaled by the group's (scheduled) learning rate."""
+    start = cfg.weight_decay if group.weight_decay else 0.0
+    wd = cosine_wd(cfg, start) if cfg.anneal_weight_decay else start
+    return optax.chain(
+        optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps),
+        optax.add_decayed_weights(wd),
+        optax.scale_by_learning_rate(poly_lr(cfg, group.lr_mult)),
+    )
+
+
+def make_optimizer(
+    cfg: OptimConfig, groups: Sequence[ParamGroup], trainable_labels: Params
+) -> optax.GradientTransformation:
+    """``optax.partition`` over the trainable subtree's labels (``split_trainable``'s first
+    output), so frozen leaves never reach the optimizer."""
+    used = set(jax.tree.leaves(trainable_labels))
+    if FROZEN in used:
+        raise ValueError("make_optimizer takes the trainable labels only; split_trainable first")
+    defined = {g.name: g for g in groups}
+    missing = sorted(used - defined.keys())
+    if missing:
+        raise ValueError(f"labels use groups {missing} that are not defined: {sorted(defined)}")
+    transforms = {name: group_transform(cfg, defined[name]) for name in used}
+    return optax.partition(transforms, trainable_labels)
+
+
+def value_and_grad_trainable(
+    loss_fn: Callable[..., jax.Array],
+) -> Callable[..., tuple[jax.Array, Params]]:
+    """``(trainable, frozen, *args) -> (loss, grads)``: ``loss_fn(params, *args)`` on the merged
+    tree, differentiated with respect to the trainable leaves only."""
+
+    def wrapped(trainable: Params, frozen: Params, *args: Any) -> tuple[jax.Array, Params]:
+        return jax.value_and_grad(lambda t: loss_fn(merge_trees(t, frozen), *args))(trainable)
+
+    return wrapped
+
+
+def ema_update(
+    ema: Params, params: Params, step: jax.Array | int, momentum: float, begin_step: int
+) -> Params:
+    """mmengine ``ExponentialMovingAverage`` with ``begin_iter``: copy before ``begin_step``,
+    then ``ema += momentum·(params - ema)`` (SoMA: momentum 2e-4 from iteration 12,000)."""
+    started = jnp.asarray(step) >= begin_step
+    return jax.tree.map(
+        lambda e, p: jnp.where(started, e + momentum * (p - e), p).astype(e.dtype), ema, params
+    )
+
+
+def param_overview(params: Params, labels: Params) -> str:
+    """A printable table: leaves, parameter count and bytes per group, trainable total."""
+    flat_labels = traverse_util.flatten_dict(labels, sep="/")
+    rows: dict[str, list[int]] = {}
+    for path, leaf in traverse_util.flatten_dict(params, sep="/").items():
+        row = rows.setdefault(flat_labels[path], [0, 0, 0])
+        size = int(np.prod(leaf.shape))
+        row[0] += 1
+        row[1] += size
+        row[2] += size * np.dtype(leaf.dtype).itemsize
+    lines = [f"{'group':<20}{'leaves':>8}{'params':>16}{'MiB':>12}"]
+    for name in sorted(rows):
+        n, count, nbytes = rows[name]
+        lines.append(f"{name:<20}{n:>8}{count:>16,}{nbytes / 2**20:>12.2f}")
+    trainable = sum(r[1] for name, r in rows.items() if name != FROZEN)
+    total = sum(r[1] for r in rows.values())
+    lines.append(f"trainable {trainable:,} of {total:,} parameters")
+    return "\n".join(lines)
