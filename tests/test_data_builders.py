@@ -7,31 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-MAPILLARY_V12 = (
-    "animal--bird", "animal--ground-animal", "construction--barrier--curb",
-    "construction--barrier--fence", "construction--barrier--guard-rail",
-    "construction--barrier--other-barrier", "construction--barrier--wall",
-    "construction--flat--bike-lane", "construction--flat--crosswalk-plain",
-    "construction--flat--curb-cut", "construction--flat--parking",
-    "construction--flat--pedestrian-area", "construction--flat--rail-track",
-    "construction--flat--road", "construction--flat--service-lane", "construction--flat--sidewalk",
-    "construction--structure--bridge", "construction--structure--building",
-    "construction--structure--tunnel", "human--person", "human--rider--bicyclist",
-    "human--rider--motorcyclist", "human--rider--other-rider", "marking--crosswalk-zebra",
-    "marking--general", "nature--mountain", "nature--sand", "nature--sky", "nature--snow",
-    "nature--terrain", "nature--vegetation", "nature--water", "object--banner", "object--bench",
-    "object--bike-rack", "object--billboard", "object--catch-basin", "object--cctv-camera",
-    "object--fire-hydrant", "object--junction-box", "object--mailbox", "object--manhole",
-    "object--phone-booth", "object--pothole", "object--street-light", "object--support--pole",
-    "object--support--traffic-sign-frame", "object--support--utility-pole",
-    "object--traffic-light", "object--traffic-sign--back", "object--traffic-sign--front",
-    "object--trash-can", "object--vehicle--bicycle", "object--vehicle--boat",
-    "object--vehicle--bus", "object--vehicle--car", "object--vehicle--caravan",
-    "object--vehicle--motorcycle", "object--vehicle--on-rails", "object--vehicle--other-vehicle",
-    "object--vehicle--trailer", "object--vehicle--truck", "object--vehicle--wheeled-slow",
-    "void--car-mount", "void--ego-vehicle", "void--unlabeled",
-)  # fmt: skip
+from test_data_labels import MAPILLARY_V12
 
 
 class _BlockTensorFlow:
@@ -132,7 +108,6 @@ def _run(tmp: Path) -> dict:
     )
     expected = _write_fixtures(tmp / "raw", rng)
     for ds, root in (("dg_gtav", syn["gtav"]), ("dg_cityscapes", syn["cityscapes_photo"])):
-        table = labels.GTAV if ds == "dg_gtav" else labels.CITYSCAPES
         files = sorted(root.rglob("*.png"))
         imgs = [
             f for f in files if f.parent.name == "images" or f.name.endswith("_leftImg8bit.png")
@@ -149,12 +124,14 @@ def _run(tmp: Path) -> dict:
                 )
             )
             expected[ds][f.name] = (str(f), codecs.decode_label(lab.read_bytes()).tolist())
+    raw = tmp / "raw"
     manual = {"dg_gtav": syn["gtav"], "dg_cityscapes": syn["cityscapes_photo"],
-              "dg_synthia": tmp / "raw" / "synthia", "dg_bdd100k": tmp / "raw" / "bdd",
-              "dg_mapillary": tmp / "raw" / "mapillary", "dg_mapillary/half": tmp / "raw" / "mapillary",
-              "dg_acdc": tmp / "raw" / "acdc"}  # fmt: skip
-    tables = {"dg_gtav": labels.GTAV, "dg_cityscapes": labels.CITYSCAPES, "dg_synthia": labels.SYNTHIA,
-              "dg_bdd100k": labels.BDD100K, "dg_acdc": labels.CITYSCAPES,
+              "dg_synthia": raw / "synthia", "dg_bdd100k": raw / "bdd",
+              "dg_mapillary": raw / "mapillary", "dg_mapillary/half": raw / "mapillary",
+              "dg_acdc": raw / "acdc"}  # fmt: skip
+    tables = {"dg_gtav": labels.GTAV, "dg_cityscapes": labels.CITYSCAPES,
+              "dg_synthia": labels.SYNTHIA, "dg_bdd100k": labels.BDD100K,
+              "dg_acdc": labels.CITYSCAPES,
               "dg_mapillary": labels.mapillary_table(expected["mapillary_names"])}  # fmt: skip
     report = {}
     for ds, root in manual.items():
