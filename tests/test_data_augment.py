@@ -1,0 +1,125 @@
+"""The mmseg training augmentation of SPEC §6, checked against its definition."""
+
+import numpy as np
+import pytest
+
+from recyclelora_jax.data import transforms
+
+
+def test_scales_and_normalisation_constants():
+    assert transforms.SCALES == (256, 307, 358, 409, 460, 512, 563, 614, 665, 716, 768, 819, 870,
+                                 921, 972, 1024)  # fmt: skip
+    assert transforms.MEAN.tolist() == pytest.approx([123.675, 116.28, 103.53], abs=1e-5)
+    assert transforms.STD.tolist() == pytest.approx([58.395, 57.12, 57.375], abs=1e-5)
+    img = np.array([[[124, 116, 104], [0, 255, 7]]], np.uint8)
+    want = (img.astype(np.float64) - [123.675, 116.28, 103.53]) / [58.395, 57.12, 57.375]
+    np.testing.assert_allclose(transforms.normalize(img), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("hw", "short", "want"),
+    [((1052, 1914), 512, (512, 932)), ((1052, 1914), 1024, (1024, 1863)),
+     ((1024, 2048), 1024, (1024, 2048)), ((500, 3000), 1024, (341, 2048)),
+     ((1914, 1052), 307, (559, 307))],
+)  # fmt: skip
+def test_shortest_edge_size(hw, short, want):
+    assert transforms.shortest_edge_size(*hw, short) == want
+
+
+def test_resized_shorter_side_comes_from_the_16_scales(monkeypatch):
+    sizes = []
+    resize = transforms.resize
+    monkeypatch.setattr(
+        transforms, "resize", lambda im, lab, s: sizes.append(s) or resize(im, lab, s)
+    )
+    image = np.zeros((60, 100, 3), np.uint8)
+    label = np.tile(np.arange(100, dtype=np.uint8) // 10, (60, 1))
+    for seed in range(64):
+        transforms.train_augment(image, label, np.random.default_rng(seed), (32, 32))
+    shorts = {min(s) for s in sizes}
+    assert shorts <= set(transforms.SCALES) and len(shorts) >= 12
+
+
+def test_crop_obeys_cat_max_ratio():
+    label = np.zeros((200, 200), np.uint8)
+    label[:, 150:] = 1  # most 64x64 crops are pure class 0
+    label[:5] = 255
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        y, x = transforms.crop_box(label, (64, 64), rng)
+        replay = np.random.default_rng(seed)
+        draws = [(int(replay.integers(0, 137)), int(replay.integers(0, 137))) for _ in range(11)]
+        ok = [transforms.crop_ok(label[a : a + 64, b : b + 64], 0.75) for a, b in draws]
+        want = draws[ok.index(True)] if True in ok[:10] else draws[10]
+        assert (y, x) == want
+        crop = label[y : y + 64, x : x + 64]
+        counts = np.bincount(crop[crop != 255].ravel())
+        assert (counts.max() / counts.sum() < 0.75) == ok[draws.index(want)]
+
+
+def test_crop_ok_definition():
+    assert not transforms.crop_ok(np.zeros((4, 4), np.uint8), 0.75)  # one class
+    two = np.array([[0, 0, 0, 1]], np.uint8)
+    assert not transforms.crop_ok(two, 0.75)  # 75 % is not below 75 %
+    assert transforms.crop_ok(np.array([[0, 0, 1, 1, 255, 255, 255]], np.uint8), 0.75)
+
+
+def _stripes():
+    widths = [7, 13, 5, 21, 9, 17, 11, 3, 19]  # asymmetric, so a missed flip shows
+    label = np.repeat(np.arange(len(widths), dtype=np.uint8), widths)[None].repeat(64, 0)
+    grey = (label.astype(np.int32) * 25 + 20).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, -1), label
+
+
+def test_flip_and_crop_keep_image_and_label_aligned():
+    image, label = _stripes()
+    flipped = 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)  # scale 64 = the image height: no resampling blur
+        img, lab = transforms.train_augment(image, label, rng, (48, 48), scales=(64,))
+        img = img * transforms.STD + transforms.MEAN
+        interior = (
+            (lab[:, 1:-1] == lab[:, :-2]) & (lab[:, 1:-1] == lab[:, 2:]) & (lab[:, 1:-1] < 255)
+        )
+        values = img[:, 1:-1, 0][interior]
+        classes = lab[:, 1:-1][interior]
+        for c in np.unique(classes):  # grey pixels: photometric is one map of the grey level
+            assert np.ptp(values[classes == c]) < 1e-3, seed
+        first = lab[lab < 255]
+        flipped += int(first[0] > first[-1])
+    assert 8 <= flipped <= 32  # about half the crops are flipped
+
+
+def test_photometric_never_touches_labels(monkeypatch):
+    image = np.random.default_rng(0).integers(0, 256, (80, 120, 3), dtype=np.uint8)
+    label = np.random.default_rng(1).integers(0, 19, (80, 120), dtype=np.uint8)
+    with_pm = transforms.train_augment(image, label, np.random.default_rng(5), (64, 64))
+    monkeypatch.setattr(transforms, "photometric_distortion", lambda img, rng: img)
+    without = transforms.train_augment(image, label, np.random.default_rng(5), (64, 64))
+    np.testing.assert_array_equal(with_pm[1], without[1])
+    assert not np.array_equal(with_pm[0], without[0])
+
+
+def test_photometric_distortion_ranges_and_hue_semantics():
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    grey = np.full((4, 4, 3), 77, np.uint8)
+    for seed in range(30):
+        out = transforms.photometric_distortion(image, np.random.default_rng(seed))
+        assert out.dtype == np.uint8 and out.shape == image.shape
+        g = transforms.photometric_distortion(grey, np.random.default_rng(seed))
+        assert (g == g[0, 0, 0]).all()  # saturation and hue leave grey pixels grey
+    red = np.zeros((1, 1, 3), np.uint8)
+    red[..., 0] = 200
+    hsv = transforms.cv2.cvtColor(red, transforms.cv2.COLOR_RGB2HSV)
+    assert hsv[0, 0].tolist() == [0, 255, 200]  # OpenCV 8-bit hue scale: 0..179
+
+
+def test_small_images_are_padded_with_ignore():
+    image = np.full((20, 30, 3), 200, np.uint8)
+    label = np.tile(np.arange(30, dtype=np.uint8) % 3, (20, 1))
+    rng = np.random.default_rng(0)
+    img, lab = transforms.train_augment(image, label, rng, (600, 600), scales=(256,))
+    h, w = transforms.shortest_edge_size(20, 30, 256)
+    assert img.shape == (600, 600, 3) and lab.dtype == np.int32
+    assert (lab[h:] == 255).all() and (lab[:, w:] == 255).all() and (lab[:h, :w] < 255).all()
+    assert (img[h:] == 0).all() and (img[:, w:] == 0).all()
