@@ -5,7 +5,9 @@ from the seed (GTAV: 12,403 by default, as the reference does per run). A fixed 
 concatenation, identical in every process, is cut into contiguous per-process shards, so shards
 are disjoint, cover the data and mix all sources. grain reshuffles each shard every epoch and gives
 every record a generator keyed on (seed, global position), so results do not depend on the
-number of workers, and `iter(loader).get_state()` (JSON bytes) restores the exact stream.
+number of workers. Workers augment single examples; batches are stacked in the consuming process,
+so batch composition is independent of the worker count too, and `iter(loader).get_state()`
+(JSON bytes) taken between batches restores the exact stream.
 """
 
 from __future__ import annotations
@@ -119,6 +121,38 @@ def make_sampler(num_records: int, seed: int, shard_index: int, shard_count: int
     )
 
 
+class BatchIterator:
+    """Stacks `batch_size` consecutive examples; its state is the example iterator's state."""
+
+    def __init__(self, examples: grain.DataLoaderIterator, batch_size: int):
+        self.examples = examples
+        self.batch_size = batch_size
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict:
+        items = [next(self.examples) for _ in range(self.batch_size)]
+        return {key: np.stack([item[key] for item in items]) for key in items[0]}
+
+    def get_state(self) -> bytes:
+        return self.examples.get_state()
+
+    def set_state(self, state: bytes) -> None:
+        self.examples.set_state(state)
+
+
+@dataclasses.dataclass
+class TrainLoader:
+    """Iterable over training batches; each `iter()` starts from the beginning of the stream."""
+
+    examples: grain.DataLoader
+    batch_size: int
+
+    def __iter__(self) -> BatchIterator:
+        return BatchIterator(iter(self.examples), self.batch_size)
+
+
 def make_train_loader(
     sources: Sequence[Source | tuple],
     *,
@@ -129,7 +163,7 @@ def make_train_loader(
     shard_index: int | None = None,
     shard_count: int | None = None,
     worker_buffer_size: int = 2,
-) -> grain.DataLoader:
+) -> TrainLoader:
     """Infinite loader of {"image": (b, H, W, 3) float32 normalised, "label": (b, H, W) int32}.
 
     `batch_size` is per process; shards default to this JAX process among all of them.
@@ -146,10 +180,11 @@ def make_train_loader(
     sampler = make_sampler(len(data), seed, shard_index, shard_count)
     if num_workers:
         _ensure_absl_flags()
-    return grain.DataLoader(
+    examples = grain.DataLoader(
         data_source=data,
         sampler=sampler,
-        operations=[TrainAugment(crop_size), grain.Batch(batch_size, drop_remainder=True)],
+        operations=[TrainAugment(crop_size)],
         worker_count=num_workers,
-        worker_buffer_size=worker_buffer_size,
+        worker_buffer_size=worker_buffer_size * batch_size,
     )
+    return TrainLoader(examples, batch_size)
