@@ -125,5 +125,7 @@ def test_bad_inputs_raise():
         slide_inference(lambda x: x[:, ::2], jnp.zeros((1, 32, 32, 3)), crop=16, stride=8)
     with pytest.raises(ValueError, match="mode must be"):
         predict_logits(context_predict, jnp.zeros((1, 8, 8, 3)), mode="tiled")
+    with pytest.raises(ValueError, match="windows_per_call must be"):
+        slide_inference(context_predict, jnp.zeros((1, 32, 32, 3)), windows_per_call=0)
     with pytest.raises(ValueError, match="stride must be"):
         slide_windows(64, 64, 32, 0)

@@ -116,6 +116,8 @@ def slide_inference(
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
+    if windows_per_call is not None and windows_per_call < 1:
+        raise ValueError(f"windows_per_call must be >= 1 or None, got {windows_per_call}")
     batch, height, width, _ = images.shape
     windows = slide_windows(height, width, crop, stride)
     per_call = min(windows_per_call or len(windows), len(windows))
