@@ -1,0 +1,19 @@
+"""Segmentation losses: Mask2Former set loss (Hungarian matching) and per-pixel cross-entropy."""
+
+from recyclelora_jax.losses.mask2former_loss import (
+    LossConfig,
+    mask2former_loss,
+    pixel_cross_entropy,
+    segmentation_loss,
+    set_loss_terms,
+)
+from recyclelora_jax.losses.matching import hungarian_match
+
+__all__ = [
+    "LossConfig",
+    "hungarian_match",
+    "mask2former_loss",
+    "pixel_cross_entropy",
+    "segmentation_loss",
+    "set_loss_terms",
+]

@@ -1,0 +1,181 @@
+"""Matching against scipy and the set loss against transformers' ``Mask2FormerLoss``."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+from transformers.models.mask2former import modeling_mask2former as hf
+
+from recyclelora_jax.losses import (
+    LossConfig,
+    hungarian_match,
+    pixel_cross_entropy,
+    segmentation_loss,
+    set_loss_terms,
+)
+from recyclelora_jax.losses.mask2former_loss import present_classes, sample_loss_points
+
+K, Q = 5, 12
+CFG = LossConfig(num_classes=K, num_points=40)
+
+
+@pytest.mark.parametrize("k", [1, 7, 19])
+def test_matching_equals_scipy(k):
+    rng = np.random.default_rng(k)
+    cost = rng.normal(size=(4, 100, k)).astype(np.float32)
+    valid = rng.random((4, k)) < 0.7
+    valid[:, 0] = True
+    got = np.asarray(jax.jit(jax.vmap(hungarian_match))(jnp.asarray(cost), jnp.asarray(valid)))
+    for b in range(4):
+        cols = np.flatnonzero(valid[b])
+        rows, sub = linear_sum_assignment(cost[b][:, cols])
+        np.testing.assert_array_equal(got[b][cols[sub]], rows)
+        assert len(set(got[b].tolist())) == k  # padded columns take distinct left-over rows
+
+
+def _labels(rng, b=2, h=24, w=20):
+    """Random blocky labels with ignore pixels; image 1 has a single class."""
+    lab = rng.integers(0, K, size=(b, h // 4, w // 4)).repeat(4, 1).repeat(4, 2)
+    lab[rng.random(lab.shape) < 0.1] = 255
+    lab[1] = np.where(lab[1] == 255, 255, 3)
+    return lab.astype(np.int32)
+
+
+def test_set_loss_matches_transformers(monkeypatch):
+    """Same points injected into the reference (torch.rand patched) -> same three terms."""
+    rng = np.random.default_rng(0)
+    b = 2
+    cls = rng.normal(size=(b, Q, K + 1)).astype(np.float32)
+    masks = rng.normal(size=(b, Q, 6, 5)).astype(np.float32) * 3
+    labels = _labels(rng, b)
+    match_pts, over_pts, rand_pts = (
+        np.asarray(x) for x in sample_loss_points(jax.random.key(1), b, CFG)
+    )
+    present = [np.unique(lab[lab != 255]) for lab in labels]
+    mask_labels = [
+        torch.from_numpy((lab[None] == c[:, None, None]).astype(np.float32))
+        for lab, c in zip(labels, present, strict=True)
+    ]
+    class_labels = [torch.from_numpy(c).long() for c in present]
+    config = hf.Mask2FormerConfig(num_labels=K, train_num_points=CFG.num_points)
+    reference = hf.Mask2FormerLoss(config, {"loss_cross_entropy": 2.0})
+    inputs = dict(
+        masks_queries_logits=torch.from_numpy(masks),
+        class_queries_logits=torch.from_numpy(cls),
+        mask_labels=mask_labels,
+        class_labels=class_labels,
+    )
+
+    def feed(tensors):
+        it = iter(tensors)
+        monkeypatch.setattr(torch, "rand", lambda *a, **kw: torch.from_numpy(np.array(next(it))))
+
+    feed([p[None] for p in match_pts])
+    indices = reference.matcher(**inputs)
+    # boxes in the reference's order: per image, by query; each box is (image, class) here
+    boxes = [(i, int(present[i][t])) for i, (_, tgt) in enumerate(indices) for t in tgt]
+    feed(
+        [p[None] for p in match_pts]
+        + [
+            np.stack([over_pts[i, c] for i, c in boxes]),
+            np.stack([rand_pts[i, c] for i, c in boxes]),
+        ]
+    )
+    with torch.no_grad():
+        want = reference(**inputs)
+    got = jax.jit(set_loss_terms, static_argnums=6)(
+        jnp.asarray(cls),
+        jnp.asarray(masks),
+        jnp.asarray(labels),
+        jnp.asarray(match_pts),
+        jnp.asarray(over_pts),
+        jnp.asarray(rand_pts),
+        CFG,
+    )
+    for ours, theirs in (
+        ("class", "loss_cross_entropy"),
+        ("mask", "loss_mask"),
+        ("dice", "loss_dice"),
+    ):
+        np.testing.assert_allclose(got[ours], want[theirs].item(), rtol=1e-4, atol=1e-5)
+
+
+def _outputs(rng, b, sets=3):
+    return {
+        "pred_logits": jnp.asarray(rng.normal(size=(b, Q, K + 1)), jnp.float32),
+        "pred_masks": jnp.asarray(rng.normal(size=(b, Q, 6, 5)), jnp.float32),
+        "aux_logits": jnp.asarray(rng.normal(size=(sets - 1, b, Q, K + 1)), jnp.float32),
+        "aux_masks": jnp.asarray(rng.normal(size=(sets - 1, b, Q, 6, 5)), jnp.float32),
+    }
+
+
+def test_loss_finite_on_degenerate_labels():
+    """Ignore pixels, single-class images, images with no valid pixel: finite loss and grads."""
+    rng = np.random.default_rng(2)
+    labels = _labels(rng, 3)
+    labels[2] = 255  # no valid pixel at all
+    outputs = _outputs(rng, 3)
+    step = jax.jit(
+        jax.value_and_grad(
+            lambda o, lab: segmentation_loss(o, lab, jax.random.key(0), CFG), has_aux=True
+        )
+    )
+    for lab in (labels, np.full_like(labels, 255)):
+        (loss, terms), grads = step(outputs, lab)
+        assert np.isfinite(loss) and all(np.isfinite(v) for v in terms.values())
+        assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+        np.testing.assert_allclose(loss, sum(terms.values()), rtol=1e-6)
+    assert float(terms["mask"]) == 0.0 and float(terms["class"]) > 0.0  # all-ignore batch
+
+
+def test_loss_sums_all_sets():
+    """The total is the weighted sum of each set's terms (final set included)."""
+    rng = np.random.default_rng(3)
+    labels = jnp.asarray(_labels(rng))
+    outputs = _outputs(rng, 2, sets=2)
+    _, terms = jax.jit(segmentation_loss, static_argnums=3)(outputs, labels, jax.random.key(5), CFG)
+    keys = jax.random.split(jax.random.key(5), 2)
+    sets = [
+        (outputs["aux_logits"][0], outputs["aux_masks"][0]),
+        (outputs["pred_logits"], outputs["pred_masks"]),
+    ]
+    one_set = jax.jit(
+        lambda lg, mk, key: set_loss_terms(lg, mk, labels, *sample_loss_points(key, 2, CFG), CFG)
+    )
+    per_set = [one_set(lg, mk, key) for (lg, mk), key in zip(sets, keys, strict=True)]
+    np.testing.assert_allclose(terms["dice"], 5.0 * sum(t["dice"] for t in per_set), rtol=1e-5)
+    np.testing.assert_allclose(terms["class"], 2.0 * sum(t["class"] for t in per_set), rtol=1e-5)
+
+
+def test_present_classes():
+    labels = jnp.asarray([[[0, 255], [4, 7]], [[255, 255], [255, 255]]])
+    np.testing.assert_array_equal(present_classes(labels, K), [[1, 0, 0, 0, 1], [0, 0, 0, 0, 0]])
+
+
+def test_pixel_cross_entropy_matches_torch():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(2, 6, 5, K)).astype(np.float32)
+    labels = _labels(rng)
+    up = torch.nn.functional.interpolate(
+        torch.from_numpy(logits).permute(0, 3, 1, 2),
+        size=labels.shape[1:],
+        mode="bilinear",
+        align_corners=False,
+    )
+    want = torch.nn.functional.cross_entropy(up, torch.from_numpy(labels).long(), ignore_index=255)
+    loss_fn = jax.jit(lambda x, lab: segmentation_loss({"logits": x}, lab, None)[0])
+    np.testing.assert_allclose(loss_fn(logits, labels), want.item(), rtol=1e-5)
+    empty = jnp.full(labels.shape, 255)
+    loss, grad = jax.jit(jax.value_and_grad(lambda x: pixel_cross_entropy(x, empty)[0]))(logits)
+    assert float(loss) == 0.0 and np.isfinite(grad).all()
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="unknown head outputs"):
+        segmentation_loss({"foo": jnp.zeros(1)}, jnp.zeros((1, 2, 2), jnp.int32), None)
+    with pytest.raises(ValueError, match="labels must be"):
+        segmentation_loss({"logits": jnp.zeros(1)}, jnp.zeros((2, 2), jnp.int32), None)
+    with pytest.raises(ValueError, match="at least as many queries"):
+        hungarian_match(jnp.zeros((2, 3)), jnp.ones(3, bool))
