@@ -1,0 +1,73 @@
+"""Evaluation input: mmcv keep-ratio sizes, per-dataset profiles, equal-shape batches,
+labels at the stored resolution."""
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from recyclelora_jax.data import codecs, evaluation, transforms
+from recyclelora_jax.data.synthetic import prepare_synthetic_demo
+
+
+@pytest.mark.parametrize(
+    ("hw", "scale", "want"),
+    [((1024, 2048), (2048, 1024), (1024, 2048)),  # Cityscapes: unchanged
+     ((720, 1280), (1280, 720), (720, 1280)),  # BDD100K: unchanged
+     ((1512, 2016), (2048, 1024), (1024, 1365)),  # Mapillary 4032x3024 after halving
+     ((1080, 1920), (2048, 1024), (1024, 1820)),  # ACDC
+     ((600, 800), (1280, 720), (720, 960))],
+)  # fmt: skip
+def test_keep_ratio_size_matches_mmcv_rescale_size(hw, scale, want):
+    assert transforms.keep_ratio_size(*hw, scale) == want
+
+
+def test_default_profiles():
+    assert evaluation.profile_for("dg_cityscapes").scale == (2048, 1024)
+    assert evaluation.profile_for("dg_bdd100k").scale == (1280, 720)
+    assert evaluation.profile_for("dg_mapillary").halve
+    assert not evaluation.profile_for("dg_mapillary/half").halve
+    assert evaluation.profile_for("dg_gtav").scale is None
+    with pytest.raises(ValueError, match="unknown evaluation profile 'nope'"):
+        evaluation.profile_for("dg_cityscapes", "nope")
+
+
+@pytest.fixture(scope="module")
+def val_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    out = prepare_synthetic_demo(
+        root / "raw", root / "tfds", styles=("dusk",), num_train=1, num_val=5, size=(80, 40)
+    )
+    return out["cityscapes_dusk"]
+
+
+def test_eval_batches_resize_images_and_keep_labels(val_data):
+    builder, data_dir = val_data
+    profile = evaluation.EvalProfile((100, 60))
+    batches = list(evaluation.eval_batches(builder, "validation", str(data_dir),
+                                           dataset_profile=profile, batch_size=2))  # fmt: skip
+    assert [len(b["file_name"]) for b in batches] == [2, 2, 1]
+    stored = {
+        ex["file_name"].decode(): ex
+        for ex in tfds.data_source(builder, split="validation", data_dir=str(data_dir))
+    }
+    for batch in batches:
+        assert batch["image"].shape[1:] == (50, 100, 3) and batch["label"].shape[1:] == (40, 80)
+        for image, label, name in zip(
+            batch["image"], batch["label"], batch["file_name"], strict=True
+        ):
+            raw = codecs.decode_image(stored[name]["image"])
+            want = transforms.normalize(cv2.resize(raw, (100, 50), interpolation=cv2.INTER_LINEAR))
+            np.testing.assert_array_equal(image, want)
+            np.testing.assert_array_equal(label, codecs.decode_label(stored[name]["label"]))
+
+
+def test_eval_shards_are_disjoint_and_cover(val_data):
+    builder, data_dir = val_data
+    names = [
+        sorted(n for b in evaluation.eval_batches(builder, "validation", str(data_dir),
+                                                  shard_index=i, shard_count=2)
+               for n in b["file_name"])
+        for i in (0, 1)
+    ]  # fmt: skip
+    assert not set(names[0]) & set(names[1]) and len(names[0]) + len(names[1]) == 5
