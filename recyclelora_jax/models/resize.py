@@ -25,6 +25,12 @@ _METHODS = {
     "bilinear": ("linear", "linear"),
 }
 
+# One compiled call instead of dozens of eagerly dispatched ops when used outside `jit`
+# (checkpoint conversion); inside a `jit` it is simply inlined.
+_scale_and_translate = jax.jit(
+    jax.image.scale_and_translate, static_argnames=("shape", "spatial_dims", "method", "antialias")
+)
+
 
 def torch_interpolate(
     x: jax.Array,
@@ -55,12 +61,12 @@ def torch_interpolate(
         shape[d] = o
     method = _METHODS[mode][int(antialias)]
     dtype = x.dtype
-    out = jax.image.scale_and_translate(
+    out = _scale_and_translate(
         x.astype(jnp.float32),
-        shape,
-        spatial_dims,
-        jnp.asarray(scales, jnp.float32),
-        jnp.zeros(len(spatial_dims), jnp.float32),
+        shape=tuple(shape),
+        spatial_dims=spatial_dims,
+        scale=jnp.asarray(scales, jnp.float32),
+        translation=jnp.zeros(len(spatial_dims), jnp.float32),
         method=method,
         antialias=antialias,
     )
