@@ -1,0 +1,102 @@
+"""Evaluate a segmentor on the config's target datasets: one confusion matrix per dataset.
+
+Every process evaluates its own contiguous slice of each dataset on its local devices (images
+of different sizes need no cross-host agreement on shapes) and the small confusion matrices are
+summed over processes, so one code path serves one CPU and a multi-host pod.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from recyclelora_jax.data.evaluation import eval_batches
+from recyclelora_jax.evaluate.driver import evaluate_dataset
+from recyclelora_jax.evaluate.metrics import summarize
+from recyclelora_jax.models.segmentor import Segmentor
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """One evaluation dataset: display name, TFDS builder, split, data_dir, resize profile."""
+
+    name: str
+    builder: str
+    split: str = "validation"
+    data_dir: str = ""
+    profile: str = ""
+
+
+def eval_sets(cfg: ml_collections.ConfigDict) -> list[EvalSet]:
+    """``eval.datasets`` entries (builder names or tuples in EvalSet's field order)."""
+    sets = []
+    for entry in cfg.eval.datasets:
+        fields = (entry,) if isinstance(entry, str) else tuple(entry)
+        if len(fields) == 1:
+            fields = (fields[0].removeprefix("dg_"), fields[0])
+        s = EvalSet(*fields)
+        sets.append(
+            dataclasses.replace(
+                s,
+                split=s.split or cfg.eval.split,
+                data_dir=str(Path(s.data_dir or cfg.data.data_dir).expanduser()),
+            )
+        )
+    return sets
+
+
+def _batches(s: EvalSet, max_images: int) -> Iterator[dict]:
+    batches = eval_batches(
+        s.builder,
+        s.split,
+        s.data_dir,
+        dataset_profile=s.profile or None,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    return itertools.islice(batches, max_images) if max_images else batches
+
+
+def evaluate_suite(
+    model: Segmentor,
+    params: Any,
+    cfg: ml_collections.ConfigDict,
+    sets: Sequence[EvalSet] | None = None,
+    progress: bool = True,
+    on_prediction: Callable[[str, dict, list[np.ndarray]], None] | None = None,
+) -> dict:
+    """``summarize``'s dict (per-dataset mIoU and per-class IoU, mean mIoU) for ``params``.
+
+    ``on_prediction(dataset_name, batch, predictions)`` sees every batch's label-size
+    predictions (single-process runs).
+    """
+    if jax.process_count() > 1:  # global arrays -> host copies usable on local devices
+        params = multihost_utils.process_allgather(params, tiled=True)
+    predict = jax.jit(lambda p, x: model.apply({"params": p}, x, method=Segmentor.predict))
+    e = cfg.eval
+    confusions = {}
+    for s in sets if sets is not None else eval_sets(cfg):
+        conf = evaluate_dataset(
+            lambda x: predict(params, x),
+            _batches(s, e.max_images),
+            num_classes=cfg.model.head.num_classes,
+            mode=e.mode,
+            crop=e.crop_size,
+            stride=e.stride,
+            progress=progress and jax.process_index() == 0,
+            on_prediction=on_prediction and functools.partial(on_prediction, s.name),
+            desc=f"eval {s.name}",
+        )
+        if jax.process_count() > 1:
+            conf = np.asarray(multihost_utils.process_allgather(conf)).sum(0)
+        confusions[s.name] = conf
+    return summarize(confusions)

@@ -1,0 +1,45 @@
+"""What ``train.py`` does: multi-host set-up, the demo's preparation, training with periodic
+evaluation, and the demo's closing comparison."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from recyclelora_jax.evaluate.metrics import format_table
+from recyclelora_jax.evaluate.suite import evaluate_suite
+from recyclelora_jax.train.loop import Run, train
+
+log = logging.getLogger(__name__)
+
+
+def init_distributed(
+    coordinator: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    """``jax.distributed.initialize`` for multi-host runs: explicit arguments on a plain
+    cluster, none under a manager JAX detects (SLURM, Cloud TPU, ...)."""
+    if coordinator is None and num_processes is None:
+        return
+    if jax.default_backend() == "cpu" and jax.config.jax_cpu_collectives_implementation != "gloo":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+def evaluate_run(run: Run, params: dict, step: int) -> dict:
+    results = evaluate_suite(run.model, params, run.cfg)
+    if jax.process_index() == 0:
+        log.info("evaluation at step %d:\n%s", step, format_table(results))
+    return results
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """Train (and evaluate) one config; the demo config also prepares its data and base model
+    and ends with the baselines' comparison."""
+    if "demo" in cfg:
+        from recyclelora_jax import demo
+
+        return demo.run_demo(cfg, workdir)
+    return train(cfg, workdir, evaluate_run if cfg.eval.datasets else None)

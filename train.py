@@ -1,0 +1,45 @@
+"""Train a segmentor: ``python train.py --config configs/g2cbm.py --workdir runs/x``.
+
+With no arguments it runs the demo (``configs/demo.py``): synthetic domain-shift data, a small
+stand-in foundation ViT, RecycleLoRA on the "synthetic" style, evaluation on the unseen styles.
+Override any config value with ``--config.a.b=value``; a run resumes from the latest checkpoint
+in its workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    "configs/demo.py",
+    "Config file, optionally with arguments: configs/g2cbm.py:method=soma,smoke",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "host:port of process 0, for multi-host runs without a cluster manager."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from recyclelora_jax import runner
+
+    runner.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    cfg = _CONFIG.value
+    workdir = Path(_WORKDIR.value or f"runs/{cfg.name}")
+    results = runner.run(cfg, workdir)
+    logging.info("final: %s", json.dumps(results.get("miou", {})))
+
+
+if __name__ == "__main__":
+    app.run(main)
