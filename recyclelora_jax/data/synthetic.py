@@ -212,11 +212,9 @@ def make_example(
     seed: int, index: int, style: str, size: tuple[int, int] = (256, 128)
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image (H, W, 3) uint8 and train-id label (H, W) of scene `index` of stream `seed`."""
-    rng = np.random.default_rng([seed, index])
-    labels, instances = make_scene(rng, *size)
-    return render(
-        labels, instances, style, np.random.default_rng([seed, index, STYLES.index(style)])
-    ), labels
+    labels, instances = make_scene(np.random.default_rng([seed, index]), *size)
+    style_rng = np.random.default_rng([seed, index, *style.encode()])
+    return render(labels, instances, style, style_rng), labels
 
 
 def write_png(path: Path, array: np.ndarray, palette: np.ndarray | None = None) -> None:
