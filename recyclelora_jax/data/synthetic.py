@@ -226,12 +226,15 @@ def write_png(path: Path, array: np.ndarray, palette: np.ndarray | None = None) 
     im.save(path, compress_level=1)
 
 
-def write_gtav(root: Path, num: int, size=(256, 128), seed: int = 0, start: int = 0) -> Path:
-    """Writes `num` synthetic-style scenes as GTAV: images/NNNNN.png, labels/NNNNN.png (ids)."""
+def write_gtav(
+    root: Path, num: int, size=(256, 128), seed: int = 0, style: str = "synthetic"
+) -> Path:
+    """Writes `num` scenes (default: synthetic style) as GTAV: images/NNNNN.png, labels/NNNNN.png
+    (palette PNGs of label ids)."""
     palette = np.zeros((256, 3), np.uint8)
     palette[TRAIN_TO_ID[: len(FLAT)]] = FLAT.astype(np.uint8)
-    for i in range(start, start + num):
-        image, label = make_example(seed, i, "synthetic", size)
+    for i in range(num):
+        image, label = make_example(seed, i, style, size)
         write_png(root / "images" / f"{i + 1:05d}.png", image)
         write_png(root / "labels" / f"{i + 1:05d}.png", TRAIN_TO_ID[label], palette)
     return root
