@@ -4,7 +4,7 @@ Parameter names follow the official checkpoints (``blocks_N/attn/qkv``, ``ls1/ga
 conversion is a transpose per tensor and the tree reads like the paper's code. The blocks are an
 unrolled Python loop rather than ``nn.scan``: PEFT needs per-block structure (SoMA adapts only
 blocks 8-23, rules select layers by path), and the measured compile time at depth 40 stays small
-(see ``docs/BENCHMARKS.md``).
+(a few seconds; see the Backbone section of ``docs/DESIGN.md``).
 """
 
 from __future__ import annotations
@@ -170,28 +170,7 @@ class DinoV2(nn.Module):
         if gh == 0 or gw == 0:
             raise ValueError(f"image {height}x{width} is smaller than one {a.patch_size}px patch")
 
-        x = nn.Conv(
-            a.embed_dim,
-            (a.patch_size, a.patch_size),
-            strides=a.patch_size,
-            padding="VALID",
-            dtype=dtype,
-            param_dtype=pd,
-            name="patch_embed",
-        )(images.astype(dtype))
-        x = x.reshape(batch, gh * gw, a.embed_dim)
-        trunc = nn.initializers.truncated_normal(0.02)
-        mask_token = self.param("mask_token", nn.initializers.zeros, (1, a.embed_dim), pd)
-        if masks is not None:
-            x = jnp.where(masks[..., None], mask_token.astype(dtype), x)
-        cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, a.embed_dim), pd)
-        pos = self.param("pos_embed", trunc, (1, 1 + a.pos_grid**2, a.embed_dim), pd)
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (batch, 1, a.embed_dim)), x], 1)
-        x = x + self._position_embedding(pos, gh, gw, height == width).astype(dtype)
-        if a.num_register_tokens:
-            reg = self.param("register_tokens", trunc, (1, a.num_register_tokens, a.embed_dim), pd)
-            reg = jnp.broadcast_to(reg.astype(dtype), (batch, *reg.shape[1:]))
-            x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], axis=1)
+        x = self._tokens(images.astype(dtype), masks, gh, gw, height == width)
 
         block_cls = nn.remat(Block) if self.remat else Block
         n_prefix = 1 + a.num_register_tokens
@@ -211,6 +190,36 @@ class DinoV2(nn.Module):
             "x_prenorm": x,
             "features": features,
         }
+
+    def _tokens(
+        self, images: jax.Array, masks: jax.Array | None, gh: int, gw: int, square: bool
+    ) -> jax.Array:
+        """Patch embedding, mask tokens, CLS, position embedding, registers: the official order."""
+        a, pd, dtype = self.arch, self.param_dtype, images.dtype
+        batch = images.shape[0]
+        x = nn.Conv(
+            a.embed_dim,
+            (a.patch_size, a.patch_size),
+            strides=a.patch_size,
+            padding="VALID",
+            dtype=dtype,
+            param_dtype=pd,
+            name="patch_embed",
+        )(images)
+        x = x.reshape(batch, gh * gw, a.embed_dim)
+        trunc = nn.initializers.truncated_normal(0.02)
+        mask_token = self.param("mask_token", nn.initializers.zeros, (1, a.embed_dim), pd)
+        if masks is not None:
+            x = jnp.where(masks[..., None], mask_token.astype(dtype), x)
+        cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, a.embed_dim), pd)
+        pos = self.param("pos_embed", trunc, (1, 1 + a.pos_grid**2, a.embed_dim), pd)
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (batch, 1, a.embed_dim)), x], 1)
+        x = x + self._position_embedding(pos, gh, gw, square).astype(dtype)
+        if a.num_register_tokens:
+            reg = self.param("register_tokens", trunc, (1, a.num_register_tokens, a.embed_dim), pd)
+            reg = jnp.broadcast_to(reg.astype(dtype), (batch, *reg.shape[1:]))
+            x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], axis=1)
+        return x
 
     def _check_attributes(self) -> None:
         bad = [i for i in self.out_indices if not 0 <= i < self.arch.depth]
