@@ -23,6 +23,7 @@ from recyclelora_jax.peft.layers import AdapterSpec
 TOL = 1e-4
 OUT = (0, 1)  # intermediate blocks compared, besides the final normed tokens
 NATIVE, NON_NATIVE = (32, 32), (40, 24)  # 4x4 patch grid = the pretrained grid; 5x3 is not
+SAME_COUNT = (16, 64)  # 2x8 = 16 patches, as many as the 4x4 grid, yet interpolated
 TINY_ARCH = dict(embed_dim=128, depth=2, num_heads=2, patch_size=8, pos_grid=4)
 
 
@@ -52,7 +53,13 @@ def _compare(model, params, ref, images, n_prefix):
 
 @pytest.mark.parametrize(
     ("kind", "hw"),
-    [("plain", NATIVE), ("plain", NON_NATIVE), ("swiglu", NON_NATIVE), ("registers", NATIVE)],
+    [
+        ("plain", NATIVE),
+        ("plain", NON_NATIVE),
+        ("plain", SAME_COUNT),
+        ("swiglu", NON_NATIVE),
+        ("registers", NATIVE),
+    ],
 )
 def test_matches_transformers_size_form(tmp_path, kind, hw):
     ref = reference_model(kind)
