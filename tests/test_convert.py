@@ -80,7 +80,7 @@ def test_config_json_gives_heads_and_is_cross_checked(tmp_path):
     path = save_hub(reference_model(), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_attention_heads": 4}))
-    assert load_dinov2(path)[0].arch.num_heads == 4
+    assert load_dinov2(tmp_path)[0].arch.num_heads == 4  # a folder holding model.safetensors
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 5}))
     with pytest.raises(ValueError, match="num_hidden_layers=5 but the tensors give 3"):
         load_dinov2(path)
