@@ -50,14 +50,14 @@ def test_bit_deterministic_across_runs_and_worker_counts(datasets):
     )
 
 
-def test_state_restore_continues_exactly(datasets):
-    straight = iter(_loader(datasets))
-    expected = _take(straight, 5)
-    first = iter(_loader(datasets))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_state_restore_continues_exactly(datasets, workers):
+    expected = _take(iter(_loader(datasets)), 5)
+    first = iter(_loader(datasets, num_workers=workers))
     _take(first, 3)
     state = first.get_state()
-    assert json.loads(state)  # JSON, storable by orbax
-    resumed = iter(_loader(datasets))
+    assert json.loads(state)["worker_count"] == workers  # JSON, storable by orbax
+    resumed = iter(_loader(datasets, num_workers=workers))
     resumed.set_state(state)
     _assert_same(expected[3:], _take(resumed, 2))
 
