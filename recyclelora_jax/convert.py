@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,8 @@ _HF_BLOCK = {
 _HF_COMMON_BLOCK = {"ls1.gamma": ("layer_scale1.lambda1",), "ls2.gamma": ("layer_scale2.lambda1",)}
 
 
-def _hf(style: str):
+def _hf(style: str) -> Callable[[str], tuple[str, ...]]:
+    """The HF naming ``style`` as a map from an official key to its checkpoint key(s)."""
     renames = _HF_BLOCK[style]
 
     def sources(key: str) -> tuple[str, ...]:
