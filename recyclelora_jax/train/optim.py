@@ -158,16 +158,24 @@ def merge_trees(a: Params, b: Params) -> Params:
 
 
 def poly_lr(cfg: OptimConfig, mult: float = 1.0) -> optax.Schedule:
-    """``lr·mult·(1 - t/T)^power`` after an optional linear warmup, held at 0 from ``T`` on."""
-    peak = cfg.lr * mult
-    decay_steps = cfg.total_steps - cfg.warmup_steps
+    """``lr·mult·(1 - t/T)^power`` after an optional linear warmup, held at 0 from ``T`` on.
+
+    ``1 - t/T`` is formed as the integer ``T - t`` over ``T``: float32 ``t/T`` loses most digits
+    of the last steps (at t = T - 1 it would be off by 0.1 %)."""
+    peak, warmup = cfg.lr * mult, cfg.warmup_steps
+    decay_steps = cfg.total_steps - warmup
     if decay_steps <= 0:
-        raise ValueError(f"total_steps {cfg.total_steps} must exceed warmup {cfg.warmup_steps}")
-    decay = optax.polynomial_schedule(peak, 0.0, cfg.lr_power, decay_steps)
-    if not cfg.warmup_steps:
-        return decay
-    warmup = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
-    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+        raise ValueError(f"total_steps {cfg.total_steps} must exceed warmup {warmup}")
+
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.int32)
+        left = jnp.clip(cfg.total_steps - step, 0, decay_steps).astype(jnp.float32)
+        value = peak * (left / decay_steps) ** cfg.lr_power
+        if warmup:
+            value = jnp.where(step < warmup, peak * step.astype(jnp.float32) / warmup, value)
+        return value
+
+    return schedule
 
 
 def cosine_wd(cfg: OptimConfig, start: float) -> optax.Schedule:
@@ -222,6 +230,23 @@ def value_and_grad_trainable(
         return jax.value_and_grad(lambda t: loss_fn(merge_trees(t, frozen), *args))(trainable)
 
     return wrapped
+
+
+def make_train_step(
+    loss_fn: Callable[..., jax.Array], optimizer: optax.GradientTransformation
+) -> Callable[..., tuple[Params, optax.OptState, jax.Array]]:
+    """``(trainable, frozen, opt_state, *args) -> (trainable, opt_state, loss)``: one optimizer
+    step in which neither gradients nor optimizer state exist for frozen leaves."""
+    grad_fn = value_and_grad_trainable(loss_fn)
+
+    def step(
+        trainable: Params, frozen: Params, opt_state: optax.OptState, *args: Any
+    ) -> tuple[Params, optax.OptState, jax.Array]:
+        loss, grads = grad_fn(trainable, frozen, *args)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return step
 
 
 def ema_update(

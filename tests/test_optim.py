@@ -1,0 +1,271 @@
+"""Parameter groups and the SPEC §5 optimizer against torch's AdamW and LR schedulers."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from _peft_fixtures import OUT, TINY, tiny_backbone
+from flax import traverse_util
+
+from recyclelora_jax.models.dinov2 import DinoV2
+from recyclelora_jax.peft.params import AttachRule, attach
+from recyclelora_jax.train.optim import (
+    FROZEN,
+    RECYCLELORA_GROUPS,
+    RECYCLELORA_RULES,
+    OptimConfig,
+    cosine_wd,
+    ema_update,
+    full_finetune_groups,
+    full_finetune_rules,
+    group_transform,
+    label_params,
+    make_optimizer,
+    make_train_step,
+    merge_trees,
+    param_overview,
+    poly_lr,
+    soma_rules,
+    split_trainable,
+    value_and_grad_trainable,
+)
+
+STEPS = (0, 1, 20_000, 39_999, 40_000)
+
+
+def _flat(tree):
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def test_schedules_equal_torch_recursions_and_closed_forms():
+    """torch's PolynomialLR / CosineAnnealingLR are the recursive forms mmengine's PolyLR and
+    CosineAnnealingParamScheduler implement; drive them 40k steps and compare."""
+    cfg = OptimConfig()
+    param = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([{"params": [param], "lr": 1e-4}], lr=1e-4)
+    wd_opts = [torch.optim.SGD([param], lr=start) for start in (0.05, 0.0)]
+    scheds = [torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=40_000, power=0.9)]
+    scheds += [
+        torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=40_000, eta_min=1e-5) for o in wd_opts
+    ]
+    seen = {}
+    for step in range(40_001):
+        if step in STEPS:
+            seen[step] = [opt.param_groups[0]["lr"]] + [o.param_groups[0]["lr"] for o in wd_opts]
+        for o in (opt, *wd_opts):
+            o.step()
+        for s in scheds:
+            s.step()
+    lr, wd_on, wd_off = poly_lr(cfg), cosine_wd(cfg, 0.05), cosine_wd(cfg, 0.0)
+    for step in STEPS:
+        closed = [
+            1e-4 * (1 - step / 40_000) ** 0.9,
+            *(1e-5 + (w0 - 1e-5) * (1 + math.cos(math.pi * step / 40_000)) / 2 for w0 in (0.05, 0)),
+        ]
+        ours = [float(f(step)) for f in (lr, wd_on, wd_off)]
+        np.testing.assert_allclose(seen[step], closed, rtol=1e-9, atol=1e-15)  # recursion
+        np.testing.assert_allclose(ours, closed, rtol=2e-6, atol=1e-13)  # float32 schedules
+    assert float(wd_off(1)) > 0  # a group starting at 0 rises from the first step
+    assert float(lr(50_000)) == 0.0 and float(wd_on(50_000)) == pytest.approx(1e-5)
+
+
+def test_linear_warmup_then_poly():
+    lr = poly_lr(OptimConfig(total_steps=100, warmup_steps=10), mult=0.5)
+    np.testing.assert_allclose(
+        [float(lr(t)) for t in (0, 5, 10, 55, 100)],
+        [0.0, 2.5e-5, 5e-5, 5e-5 * 0.5**0.9, 0.0],
+        rtol=1e-6,
+    )
+
+
+@pytest.fixture(scope="module")
+def full_tree():
+    return _full_tree()
+
+
+def _full_tree(seed=0):
+    backbone, images = tiny_backbone(seed)
+    rule = AttachRule(r"(qkv|proj|fc1|fc2)$", "recyclelora", (("main", 8), ("sub", 2)))
+    backbone, layout = attach(backbone, TINY, [rule], progress=False)
+    rng = np.random.default_rng(seed)
+    head = {
+        "proj": {"kernel": rng.standard_normal((64, 8)), "bias": np.zeros(8)},
+        "transformer_decoder": {"query_feat": {"embedding": rng.standard_normal((4, 8))}},
+        "out_norm": {"scale": np.ones(8), "bias": np.zeros(8)},
+    }
+    head = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), head)
+    return {"backbone": backbone, "head": head}, layout, images
+
+
+def _loss_fn(layout):
+    model = DinoV2(TINY, out_indices=OUT, layerscale_init=1.0, adapters=layout)
+
+    def loss(params, images):
+        feats = model.apply({"params": params["backbone"]}, images)["features"][-1]
+        h = params["head"]
+        y = feats.mean((1, 2)) @ h["proj"]["kernel"] + h["proj"]["bias"]
+        y = y * h["out_norm"]["scale"] + h["out_norm"]["bias"]
+        return jnp.mean((y[:, None] - h["transformer_decoder"]["query_feat"]["embedding"]) ** 2)
+
+    return loss
+
+
+def test_labels_first_match_and_errors(full_tree):
+    params, _, _ = full_tree
+    labels = _flat(label_params(params, RECYCLELORA_RULES, RECYCLELORA_GROUPS))
+    assert labels["backbone/blocks_3/attn/qkv/adapter_main/a"] == "main"
+    assert labels["backbone/blocks_0/mlp/fc2/adapter_sub/b"] == "sub"
+    assert labels["backbone/blocks_0/mlp/fc2/kernel"] == FROZEN
+    assert labels["backbone/blocks_0/norm1/scale"] == FROZEN  # frozen wins over "norm"
+    assert labels["head/transformer_decoder/query_feat/embedding"] == "head_no_decay"
+    assert labels["head/out_norm/scale"] == "head_no_decay"
+    assert labels["head/proj/kernel"] == "head"
+    with pytest.raises(ValueError, match=r"2 parameters match no label rule: \['head/proj/"):
+        label_params(params, [(r"^backbone/", FROZEN), (r"query|norm", "head")])
+    with pytest.raises(ValueError, match=r"undefined groups \['mian'\]"):
+        label_params(params, [("adapter_main", "mian"), (".", FROZEN)], RECYCLELORA_GROUPS)
+    soma = _flat(label_params(params, soma_rules(first_block=2, depth=4)))
+    assert soma["backbone/blocks_2/attn/qkv/bias"] == "backbone"
+    assert soma["backbone/blocks_1/attn/qkv/bias"] == FROZEN
+    assert soma["backbone/blocks_3/mlp/fc1/adapter_main/a"] == "backbone"
+    assert soma["backbone/blocks_3/mlp/fc1/kernel"] == FROZEN
+    full = _flat(label_params(params, full_finetune_rules(), full_finetune_groups()))
+    assert full["backbone/blocks_3/mlp/fc1/kernel"] == "backbone"
+    assert full["backbone/norm/scale"] == "backbone_no_decay"
+    with pytest.raises(ValueError, match="trees overlap at"):
+        merge_trees(params, params)
+
+
+def _adamw_first_step(p, g, lr, wd):
+    """Hand-computed torch AdamW at t=1: m̂ = g, v̂ = g², p ← p(1 - lr·wd) - lr·g/(|g| + eps)."""
+    return p * (1 - lr * wd) - lr * g / (np.abs(g) + 1e-8)
+
+
+def test_three_steps_frozen_untouched_groups_use_their_lr(full_tree):
+    params, layout, images = full_tree
+    cfg = OptimConfig(total_steps=10)
+    labels = label_params(params, RECYCLELORA_RULES, RECYCLELORA_GROUPS)
+    trainable, frozen = split_trainable(params, labels)
+    trainable_labels, _ = split_trainable(labels, labels)
+    optimizer = make_optimizer(cfg, RECYCLELORA_GROUPS, trainable_labels)
+    opt_state = optimizer.init(trainable)
+    n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+    n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
+    state_floats = sum(x.size for x in jax.tree.leaves(opt_state) if x.dtype == jnp.float32)
+    assert n_frozen > n_trainable and state_floats == 2 * n_trainable  # mu, nu: trainable only
+
+    grad_fn = jax.jit(value_and_grad_trainable(_loss_fn(layout)))
+    step = jax.jit(make_train_step(_loss_fn(layout), optimizer))
+    torch_opt, torch_params = _torch_adamw(trainable, trainable_labels)
+    torch_sched = torch.optim.lr_scheduler.PolynomialLR(torch_opt, total_iters=10, power=0.9)
+    start = _flat(trainable)
+    for t in range(3):
+        _, grads = grad_fn(trainable, frozen, images)
+        grads = _flat(grads)
+        assert grads.keys() == start.keys()  # no gradient exists for frozen leaves
+        for group in torch_opt.param_groups:  # mmengine: anneal wd per iteration
+            w0 = group["initial_wd"]
+            group["weight_decay"] = 1e-5 + (w0 - 1e-5) * (1 + math.cos(math.pi * t / 10)) / 2
+            group["params"][0].grad = torch.tensor(np.asarray(grads[group["key"]]))
+        torch_opt.step()
+        torch_sched.step()
+        before = _flat(trainable)
+        trainable, opt_state, _ = step(trainable, frozen, opt_state, images)
+        if t == 0:  # hand-computed first step: main at lr 1e-4, sub at 5e-5, both wd 0
+            for name, lr in (("main", 1e-4), ("sub", 5e-5)):
+                key = f"backbone/blocks_1/attn/qkv/adapter_{name}/b"
+                want = _adamw_first_step(np.asarray(before[key]), np.asarray(grads[key]), lr, 0.0)
+                np.testing.assert_allclose(_flat(trainable)[key], want, rtol=0, atol=1e-8)
+        for key, value in _flat(trainable).items():
+            _assert_same_update(np.asarray(value), torch_params[key].numpy(), start[key])
+    after = _flat(merge_trees(trainable, frozen))
+    for key, value in _flat(frozen).items():
+        np.testing.assert_array_equal(after[key], value)  # bit-identical
+    for key in (k for k in start if "adapter_" in k):
+        assert not np.array_equal(after[key], start[key]), key
+
+
+def _assert_same_update(ours, theirs, start):
+    """optax forms Adam's bias correction ``1 - b2^t`` in float32, torch in float64: each step
+    differs by ~6e-6 of its size (<= lr = 1e-4). Allow 2e-5 of three such steps plus 4 float32
+    ulps of the parameter values."""
+    start = np.asarray(start)
+    tol = 2e-5 * 3e-4 + 4 * np.spacing(np.abs(start))
+    bad = np.abs(ours - theirs) > tol
+    assert not bad.any(), (ours[bad][:3], theirs[bad][:3], start[bad][:3])
+
+
+def _torch_adamw(trainable, labels):
+    """torch AdamW with one param group per leaf, lr and initial wd from the leaf's group."""
+    groups = {g.name: g for g in RECYCLELORA_GROUPS}
+    flat_labels = _flat(labels)
+    tensors = {k: torch.tensor(np.asarray(v)) for k, v in _flat(trainable).items()}
+    param_groups = []
+    for key, tensor in tensors.items():
+        group = groups[flat_labels[key]]
+        wd = 0.05 if group.weight_decay else 0.0
+        param_groups.append(
+            {"params": [tensor], "lr": 1e-4 * group.lr_mult, "initial_wd": wd, "key": key}
+        )
+    return torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8), tensors
+
+
+def _naive_step(loss_fn, cfg, labels):
+    """The wasteful baseline: differentiate every leaf, zero the frozen updates afterwards."""
+    transforms = {g.name: group_transform(cfg, g) for g in RECYCLELORA_GROUPS}
+    optimizer = optax.partition({**transforms, FROZEN: optax.set_to_zero()}, labels)
+
+    def step(params, opt_state, images):
+        loss, grads = jax.value_and_grad(loss_fn)(params, images)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return optimizer, step
+
+
+def test_trainable_only_step_needs_less_memory(full_tree):
+    params, layout, images = full_tree
+    cfg = OptimConfig(total_steps=10)
+    labels = label_params(params, RECYCLELORA_RULES, RECYCLELORA_GROUPS)
+    trainable, frozen = split_trainable(params, labels)
+    optimizer = make_optimizer(cfg, RECYCLELORA_GROUPS, split_trainable(labels, labels)[0])
+    step = make_train_step(_loss_fn(layout), optimizer)
+    ours = jax.jit(step).lower(trainable, frozen, optimizer.init(trainable), images).compile()
+    naive_opt, naive = _naive_step(_loss_fn(layout), cfg, labels)
+    full = jax.jit(naive).lower(params, naive_opt.init(params), images).compile()
+
+    def temp_and_out(compiled):
+        stats = compiled.memory_analysis()
+        return stats.temp_size_in_bytes + stats.output_size_in_bytes
+
+    # The frozen residual kernels dominate here, as in ViT-L: no gradient buffers for them.
+    frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(frozen))
+    assert temp_and_out(full) - temp_and_out(ours) >= frozen_bytes
+
+
+def test_ema_follows_mmengine_begin_iter():
+    ema, params = {"w": jnp.array([0.0, 2.0])}, {"w": jnp.array([1.0, 4.0])}
+    before = ema_update(ema, params, step=5, momentum=0.25, begin_step=10)
+    np.testing.assert_array_equal(before["w"], params["w"])  # copied until begin
+    after = ema_update(ema, params, step=10, momentum=0.25, begin_step=10)
+    np.testing.assert_allclose(after["w"], [0.25, 2.5])  # ema + m (p - ema)
+
+
+def test_param_overview_counts_and_bytes(full_tree):
+    params, _, _ = full_tree
+    labels = label_params(params, RECYCLELORA_RULES, RECYCLELORA_GROUPS)
+    table = param_overview(params, labels)
+    main = sum(x.size for k, x in _flat(params).items() if "adapter_main" in k)
+    assert main == 4 * 8 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))  # r (in + out)
+    row = next(line for line in table.splitlines() if line.startswith("main "))
+    assert row.split()[1:3] == [
+        str(sum(1 for k in _flat(params) if "adapter_main" in k)),
+        f"{main:,}",
+    ]
+    assert f"{main * 4 / 2**20:.2f}" == row.split()[3]
+    total = sum(x.size for x in jax.tree.leaves(params))
+    assert table.splitlines()[-1].endswith(f"of {total:,} parameters")
