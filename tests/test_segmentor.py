@@ -18,7 +18,7 @@ TINY_M2F = dict(
     num_heads=4,
     encoder_layers=1,
     encoder_ffn_dim=32,
-    decoder_layers=2,
+    decoder_layers=1,
     decoder_ffn_dim=32,
 )
 
@@ -58,11 +58,11 @@ def test_segmentor_contract(head):
     if head == "mask2former":
         leaves = {p[-1] for p in paths}
         assert {"query_feat", "query_embed", "level_embed"} <= leaves
-        out = jax.jit(model.apply)({"params": params}, images)
+        out = jax.eval_shape(model.apply, {"params": params}, images)
         assert out["pred_logits"].shape == (2, 8, K + 1)
         # patch 8 here, so the x4 pyramid level is at stride 2: 16x16
         assert out["pred_masks"].shape == (2, 8, 16, 16)
-        assert out["aux_masks"].shape == (2, 2, 8, 16, 16)
+        assert out["aux_masks"].shape == (1, 2, 8, 16, 16)
     scores = jax.jit(lambda p, x: model.apply({"params": p}, x, method=Segmentor.predict))(
         params, images
     )
@@ -74,10 +74,10 @@ def test_build_head_unknown():
         build_head("fcn", K)
 
 
-@pytest.mark.parametrize("head", ["mask2former", "linear"])
-def test_sharded_grad_equals_single_device(head):
-    """jax.grad on a batch sharded over 8 simulated devices == one device, within 1e-5."""
-    model = _model(head)
+def test_sharded_grad_equals_single_device():
+    """jax.grad on a batch sharded over 8 simulated devices == one device, within 1e-5
+    (matching, point sampling and the batch-wide normalisers included)."""
+    model = _model("mask2former")
     images, labels = _batch(8)
     params = jax.jit(model.init)(jax.random.key(0), images[:1])["params"]
 
