@@ -34,6 +34,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from recyclelora_jax import runner
 
+    runner.quiet_library_logs()
     runner.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     cfg = _CONFIG.value
     workdir = Path(_WORKDIR.value or f"runs/{cfg.name}")

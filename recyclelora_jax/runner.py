@@ -14,6 +14,21 @@ from recyclelora_jax.evaluate.suite import evaluate_suite
 from recyclelora_jax.train.loop import Run, train
 
 log = logging.getLogger(__name__)
+_CHATTY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/")
+
+
+class _QuietLibraries(logging.Filter):
+    """Drop the libraries' INFO chatter (orbax logs every file it renames), keep warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(
+            part in record.pathname for part in _CHATTY
+        )
+
+
+def quiet_library_logs() -> None:
+    for name in ("absl", "jax"):
+        logging.getLogger(name).addFilter(_QuietLibraries())
 
 
 def init_distributed(

@@ -89,16 +89,24 @@ class MixedSource(grain.RandomAccessDataSource):
 
 
 class TrainAugment(grain.RandomMapTransform):
-    """Decodes a stored example and applies SPEC §6's augmentation with the record's generator."""
+    """Decodes a stored example and applies SPEC §6's augmentation with the record's generator.
+
+    Resize scales follow the crop as in the reference (512 crop: shorter side 256…1024, longer
+    side ≤ 2048), so smaller crops (smoke runs, the demo) keep the same zoom range.
+    """
 
     def __init__(self, crop_size: tuple[int, int]):
         self.crop_size = tuple(crop_size)
+        self.scales = transforms.scales_for(min(self.crop_size))
+        self.max_size = 4 * min(self.crop_size)
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         name = element["file_name"]
         image = codecs.decode_image(element["image"], name)
         label = codecs.decode_label(element["label"], name)
-        image, label = transforms.train_augment(image, label, rng, self.crop_size)
+        image, label = transforms.train_augment(
+            image, label, rng, self.crop_size, self.scales, self.max_size
+        )
         return {"image": image, "label": label}
 
 

@@ -14,7 +14,14 @@ from recyclelora_jax.data.labels import IGNORE
 
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # RGB
 STD = np.array([58.395, 57.12, 57.375], np.float32)
-SCALES = tuple(int(512 * x * 0.1) for x in range(5, 21))  # 256, 307, ..., 1024 (16 values)
+
+
+def scales_for(crop: int) -> tuple[int, ...]:
+    """The 16 shorter sides ``crop × 0.5 … 2.0`` (mmseg's ratio range for a ``crop`` crop)."""
+    return tuple(int(crop * x * 0.1) for x in range(5, 21))
+
+
+SCALES = scales_for(512)  # 256, 307, ..., 1024 (16 values), longer side capped at 4 × 512
 
 
 def shortest_edge_size(h: int, w: int, short: int, max_size: int = 2048) -> tuple[int, int]:

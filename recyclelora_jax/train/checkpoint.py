@@ -63,7 +63,12 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = {
+            name: ocp.StandardCheckpointHandler() for name in (TRAINABLE, OPT_STATE, STATE)
+        } | {name: ocp.JsonCheckpointHandler() for name in (DATA, META)}
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=handlers
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
