@@ -24,8 +24,7 @@ from recyclelora_jax.convert import save_converted
 from recyclelora_jax.data.pipeline import Source, make_train_loader
 from recyclelora_jax.data.synthetic import prepare_synthetic_demo
 from recyclelora_jax.evaluate.metrics import format_table
-from recyclelora_jax.evaluate.suite import evaluate_suite
-from recyclelora_jax.evaluate.visualize import save_comparison
+from recyclelora_jax.evaluate.suite import PredictionSaver, evaluate_suite
 from recyclelora_jax.models.dinov2 import DinoV2
 from recyclelora_jax.pretrain import pretrain_mim
 from recyclelora_jax.train.loop import Run, train
@@ -80,22 +79,13 @@ def foundation_weights(cfg: ml_collections.ConfigDict, workdir: Path) -> Path:
 
 def _evaluator(cfg: ml_collections.ConfigDict, png: Path | None):
     """Evaluation callback for `train`; at the last step it also saves a prediction grid."""
-    rows: dict[str, list[tuple]] = {}
-
-    def collect(name, batch, preds):
-        kept = rows.setdefault(name, [])
-        for image, label, pred in zip(batch["image"], batch["label"], preds, strict=True):
-            if len(kept) < cfg.demo.png_per_dataset:
-                kept.append((np.asarray(image), np.asarray(label), pred))
 
     def evaluate(run: Run, params: dict, step: int) -> dict:
         final = png is not None and step == cfg.train.steps
-        results = evaluate_suite(
-            run.model, params, run.cfg, on_prediction=collect if final else None
-        )
+        saver = PredictionSaver(cfg.demo.png_per_dataset) if final else None
+        results = evaluate_suite(run.model, params, run.cfg, on_prediction=saver)
         log.info("evaluation at step %d:\n%s", step, format_table(results))
-        if final and rows:
-            save_comparison(png, [row for kept in rows.values() for row in kept])
+        if saver is not None and saver.save(png):
             log.info("predictions (image | label | prediction) written to %s", png)
         return results
 

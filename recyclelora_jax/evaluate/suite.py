@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from recyclelora_jax.data.evaluation import eval_batches
 from recyclelora_jax.evaluate.driver import evaluate_dataset
 from recyclelora_jax.evaluate.metrics import summarize
+from recyclelora_jax.evaluate.visualize import save_comparison
 from recyclelora_jax.models.segmentor import Segmentor
 
 
@@ -100,3 +101,25 @@ def evaluate_suite(
             conf = np.asarray(multihost_utils.process_allgather(conf)).sum(0)
         confusions[s.name] = conf
     return summarize(confusions)
+
+
+class PredictionSaver:
+    """An ``on_prediction`` callback that keeps the first ``per_dataset`` images of every
+    dataset and draws them as one image | label | prediction PNG grid."""
+
+    def __init__(self, per_dataset: int):
+        self.per_dataset = per_dataset
+        self.rows: dict[str, list[tuple]] = {}
+
+    def __call__(self, name: str, batch: dict, preds: list[np.ndarray]) -> None:
+        kept = self.rows.setdefault(name, [])
+        for image, label, pred in zip(batch["image"], batch["label"], preds, strict=True):
+            if len(kept) < self.per_dataset:
+                kept.append((np.asarray(image), np.asarray(label), pred))
+
+    def save(self, path: str | Path) -> Path | None:
+        rows = [row for kept in self.rows.values() for row in kept]
+        if not rows:
+            return None
+        save_comparison(path, rows)
+        return Path(path)
