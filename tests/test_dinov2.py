@@ -17,7 +17,14 @@ import transformers
 from _torch_dinov2 import reference_model, run_reference, save_hub, use_official_interpolation
 
 from recyclelora_jax.convert import load_dinov2
-from recyclelora_jax.models.dinov2 import ARCHS, DinoV2, DinoV2Arch, linear_layer_paths
+from recyclelora_jax.models.dinov2 import (
+    ARCHS,
+    DinoV2,
+    DinoV2Arch,
+    attention,
+    gelu_exact,
+    linear_layer_paths,
+)
 from recyclelora_jax.peft.layers import AdapterSpec
 
 TOL = 1e-4
@@ -156,3 +163,15 @@ def test_bad_inputs_are_named():
         model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     with pytest.raises(ValueError, match="smaller than one 8px patch"):
         model.clone(out_indices=(0,)).init(jax.random.key(0), jnp.zeros((1, 4, 32, 3)))
+
+
+def test_attention_and_gelu_match_torch():
+    """The CPU-friendly attention and erf-GELU against torch's SDPA and `F.gelu` directly."""
+    rng = np.random.default_rng(0)
+    q, k, v = (2 * rng.standard_normal((3, 2, 4, 50, 16))).astype(np.float32)
+    want = torch.nn.functional.scaled_dot_product_attention(*map(torch.from_numpy, (q, k, v)))
+    np.testing.assert_allclose(np.asarray(attention(q, k, v)), want.numpy(), atol=1e-5, rtol=0)
+    x = (4 * rng.standard_normal(10_000)).astype(np.float32)
+    want = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    got = np.asarray(gelu_exact(jnp.asarray(x)))
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)  # each ~1e-6 from float64 erf

@@ -62,6 +62,24 @@ ARCHS.update(
 DEFAULT_OUT_INDICES = (7, 11, 15, 23)
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention over (B, heads, T, head_dim), statistics in float32.
+
+    Normalised after the value product (one (T, head_dim) divide instead of a (T, T) one, and a
+    cheaper backward). On CPU this is 2-3x faster than `jax.nn.dot_product_attention`'s XLA
+    path at 1300 tokens (measured in docs/DESIGN.md).
+    """
+    logits = ((q * q.shape[-1] ** -0.5) @ k.swapaxes(-1, -2)).astype(jnp.float32)
+    weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+    return (weights.astype(v.dtype) @ v) / weights.sum(-1, keepdims=True).astype(v.dtype)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """Exact GELU, ``x/2 (1 + erf(x/√2))`` as PyTorch computes it; `jax.nn.gelu(approximate=
+    False)` goes through ``erfc``, which XLA's CPU backend evaluates ~6x slower."""
+    return 0.5 * x * (1 + jax.lax.erf(x * 0.5**0.5))  # Python floats keep x's dtype
+
+
 def _dense(parent: Attention | Mlp, features: int, name: str) -> nn.Module:
     """A linear layer of `parent`, adapted where the adapter layout names its path."""
     path = f"{parent.prefix}/{name}"
@@ -80,8 +98,8 @@ class Attention(nn.Module):
         b, t, c = x.shape
         dense = functools.partial(_dense, self)
         qkv = dense(3 * c, "qkv")(x).reshape(b, t, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(q, k, v).reshape(b, t, c)
+        q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # 3 x (B, heads, T, head_dim)
+        out = attention(q, k, v).transpose(0, 2, 1, 3).reshape(b, t, c)
         return dense(c, "proj")(out)
 
 
@@ -102,7 +120,7 @@ class Mlp(nn.Module):
             return dense(c, "w3")(nn.silu(x1) * x2)
         if self.kind != "mlp":
             raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {self.kind!r}")
-        return dense(c, "fc2")(nn.gelu(dense(self.hidden, "fc1")(x), approximate=False))
+        return dense(c, "fc2")(gelu_exact(dense(self.hidden, "fc1")(x)))
 
 
 class LayerScale(nn.Module):
