@@ -68,13 +68,27 @@ def test_two_processes_get_disjoint_covering_shards(datasets):
     assert n == 22
     seen = []
     for shard in (0, 1):
-        sampler = pipeline.make_sampler(n, 3, shard, 2)
+        sampler = pipeline.make_sampler(n, 3, shard, 2, local_batch=1)
         keys = [sampler[k * 2 + shard].record_key for k in range(n // 2)]  # grain's indexing
         seen.append({tuple(source.records[i]) for i in keys})
         assert len(seen[-1]) == n // 2
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == {tuple(r) for r in source.records}
     assert {k for k, _ in seen[0]} == {0, 1}  # every shard mixes both sources
+
+
+@pytest.mark.parametrize("local_batch", [1, 3])
+def test_global_batches_do_not_depend_on_the_process_count(local_batch):
+    """Process p's k-th local batch is the p-th slice of global batch k, for any count."""
+    single = pipeline.make_sampler(24, 3, 0, 1, local_batch=2 * local_batch)
+    split = [pipeline.make_sampler(24, 3, p, 2, local_batch=local_batch) for p in (0, 1)]
+    for batch in range(5):  # crosses epoch boundaries
+        whole = [single[batch * 2 * local_batch + j] for j in range(2 * local_batch)]
+        parts = [
+            split[p][(batch * local_batch + j) * 2 + p] for p in (0, 1) for j in range(local_batch)
+        ]
+        assert [m.record_key for m in parts] == [m.record_key for m in whole]
+        assert [m.index for m in parts] == [m.index for m in whole]  # same per-record rng
 
 
 def test_epochs_are_reshuffled(datasets):

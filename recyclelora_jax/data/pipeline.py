@@ -118,15 +118,50 @@ def _ensure_absl_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def make_sampler(num_records: int, seed: int, shard_index: int, shard_count: int):
-    """Infinite, per-epoch reshuffled sampler of one contiguous shard of `num_records`."""
-    return grain.IndexSampler(
-        num_records=num_records,
-        shard_options=grain.ShardOptions(shard_index, shard_count, drop_remainder=True),
-        shuffle=True,
-        num_epochs=None,
-        seed=seed,
-    )
+class GlobalBatchSampler:
+    """One shuffled stream for the whole job, cut into global batches of ``local_batch ×
+    shard_count``; process ``p`` reads its contiguous ``local_batch`` slice of every global batch.
+
+    grain's data loader asks shard ``p`` for the sampler indices ``p, p + P, p + 2P, ...``; this
+    sampler maps them onto global stream positions, so the global batch (contents, order and each
+    record's random generator, keyed on its global position) is the same for any process count.
+    Every epoch of the stream is a fresh permutation of all records.
+    """
+
+    def __init__(
+        self, num_records: int, seed: int, local_batch: int, shard_index: int, shard_count: int
+    ):
+        self._stream = grain.IndexSampler(
+            num_records=num_records,
+            shard_options=grain.NoSharding(),
+            shuffle=True,
+            num_epochs=None,
+            seed=seed,
+        )
+        self._shard_options = grain.ShardOptions(shard_index, shard_count)
+        self.local_batch = local_batch
+        self.shard_count = shard_count
+
+    def global_position(self, index: int) -> int:
+        shard, k = index % self.shard_count, index // self.shard_count
+        batch, offset = divmod(k, self.local_batch)
+        return (batch * self.shard_count + shard) * self.local_batch + offset
+
+    def __getitem__(self, index: int):
+        return self._stream[self.global_position(index)]
+
+    def __repr__(self) -> str:  # grain compares it when restoring an iterator state
+        return (
+            f"GlobalBatchSampler({self._stream!r}, local_batch={self.local_batch}, "
+            f"shard={self._shard_options.shard_index}/{self.shard_count})"
+        )
+
+
+def make_sampler(
+    num_records: int, seed: int, shard_index: int, shard_count: int, local_batch: int = 1
+) -> GlobalBatchSampler:
+    """Infinite, per-epoch reshuffled sampler of this process's slices of the global batches."""
+    return GlobalBatchSampler(num_records, seed, local_batch, shard_index, shard_count)
 
 
 class BatchIterator:
@@ -185,7 +220,7 @@ def make_train_loader(
         raise ValueError(
             f"{len(data)} records cannot fill batches of {batch_size} on {shard_count} shards"
         )
-    sampler = make_sampler(len(data), seed, shard_index, shard_count)
+    sampler = make_sampler(len(data), seed, shard_index, shard_count, batch_size)
     if num_workers:
         _ensure_absl_flags()
     examples = grain.DataLoader(

@@ -18,16 +18,20 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
-    """A ``(data, fsdp)`` mesh over all devices; ``data=-1`` takes whatever ``fsdp`` leaves."""
+    """A ``(data, fsdp)`` mesh; ``data=-1`` takes every device ``fsdp`` leaves. A single process
+    may use fewer devices than it has (e.g. one device of eight, for comparisons)."""
     n = jax.device_count()
     if fsdp < 1 or n % fsdp:
         raise ValueError(f"mesh.fsdp={fsdp} must divide the {n} devices")
     if data == -1:
         data = n // fsdp
-    if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} != {n} devices")
+    size = data * fsdp
+    if size > n or (size < n and jax.process_count() > 1):
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not fit the {n} devices")
     auto = jax.sharding.AxisType.Auto
-    return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(auto, auto))
+    return jax.make_mesh(
+        (data, fsdp), BATCH_AXES, axis_types=(auto, auto), devices=jax.devices()[:size]
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
