@@ -46,7 +46,7 @@ SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
-    """(first call, which includes JAX's compilation; median of the next `repeats`), seconds."""
+    """(first call minus a steady one, i.e. JAX's compile time; median of the next `repeats`)."""
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
@@ -55,7 +55,8 @@ def timed(fn, repeats: int) -> tuple[float, float]:
         start = time.perf_counter()
         fn()
         runs.append(time.perf_counter() - start)
-    return first, statistics.median(runs)
+    steady = statistics.median(runs)
+    return first - steady, steady
 
 
 def build(size: str):
