@@ -1,9 +1,9 @@
 """DINOv2 backbone speed: this project's Flax model vs `transformers.Dinov2Model` (PyTorch).
 
 Same random weights (the PyTorch model's, imported by `convert_tensors`), same inputs, same
-thread count, float32. Times forward, and forward+backward with respect to the input only (a
-frozen backbone, as in adapter training), as the median of `--repeats` runs after one warm-up
-(JAX compile time is reported separately). Prints a table with JAX / PyTorch time ratios.
+thread count (pinned cores), float32. Times forward, and forward+backward with respect to the
+input only (a frozen backbone, as in adapter training): medians of `--repeats` alternating runs
+after a warm-up; JAX compile time apart. Prints a table with JAX / PyTorch time ratios.
 
     python benchmarks/backbone.py                       # S, B at 224 and 512; L at 224 (~4 min)
     python benchmarks/backbone.py --sizes l --res 512   # the slow one
@@ -23,7 +23,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--res", default="224,512", help="comma list of input sizes (default: 224,512)")
     p.add_argument("--skip", default="l@512", help="size@res pairs to skip (default: l@512)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="threads for both (default: 1)")
     return p.parse_args()
 
@@ -45,18 +45,20 @@ from recyclelora_jax.models.dinov2 import DinoV2  # noqa: E402
 SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(first call minus a steady one, i.e. JAX's compile time; median of the next `repeats`)."""
+def _seconds(fn) -> float:
     start = time.perf_counter()
     fn()
-    first = time.perf_counter() - start
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    steady = statistics.median(runs)
-    return first - steady, steady
+    return time.perf_counter() - start
+
+
+def race(jax_fn, torch_fn, repeats: int) -> tuple[float, float, float]:
+    """(JAX compile, JAX median, PyTorch median) in seconds. The two run alternately, so load
+    from other processes on a shared machine hits both alike; compile = first call - median."""
+    first = _seconds(jax_fn)
+    torch_fn()  # warm-up
+    pairs = [(_seconds(jax_fn), _seconds(torch_fn)) for _ in range(repeats)]
+    jax_s, torch_s = (statistics.median(p) for p in zip(*pairs, strict=True))
+    return first - jax_s, jax_s, torch_s
 
 
 def build(size: str):
@@ -96,10 +98,9 @@ def bench(size: str, res: int, args) -> dict[str, float]:
 
     row = {}
     for name, jfn, tfn in [("fwd", jax_fwd, torch_fwd), ("fwd+bwd", jax_bwd, torch_bwd)]:
-        row[f"{name} jax compile"], row[f"{name} jax"] = timed(
-            lambda f=jfn: f(x).block_until_ready(), args.repeats
+        row[f"{name} jax compile"], row[f"{name} jax"], row[f"{name} torch"] = race(
+            lambda f=jfn: f(x).block_until_ready(), tfn, args.repeats
         )
-        _, row[f"{name} torch"] = timed(tfn, args.repeats)
     row["max_abs_diff"] = float(np.abs(np.asarray(jax_fwd(x)) - torch_fwd().numpy()[:, 1:]).max())
     return row
 
