@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 from flax import traverse_util
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch, linear_layer_paths
@@ -148,9 +149,12 @@ def attach(
 ) -> tuple[Params, AdapterLayout]:
     """Initialise adapters on pretrained backbone ``params`` (the tree under ``"params"``).
 
-    Layers run on a thread pool (LAPACK releases the GIL) with a progress bar; results do not
-    depend on ``workers``. Returns the adapted params (kernels replaced by residuals, cast to
-    the kernel dtype) and the layout to build ``DinoV2(..., adapters=layout)``.
+    Layers run on ``workers`` threads (default: one per core; LAPACK releases the GIL), BLAS
+    limited to one thread: one layer per core beats OpenBLAS's own threads on geqp3, which is
+    mostly matrix-vector work and degrades badly when cores are shared (``docs/BENCHMARKS.md``),
+    and the bits of every result are then independent of ``workers``. Returns the adapted params
+    (kernels replaced by residuals, cast to the kernel dtype) and the layout to build
+    ``DinoV2(..., adapters=layout)``.
     """
     chosen = resolve_rules(arch, rules)
     cache = Path(cache_dir) if cache_dir is not None else None
@@ -161,7 +165,11 @@ def attach(
     def job(path: str) -> InitResult:
         return _init_layer(path, kernels[path], chosen[path], seed, cache)
 
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+    workers = workers or os.cpu_count() or 1
+    with (
+        threadpool_limits(limits=1),
+        ThreadPoolExecutor(workers) as pool,
+    ):
         done = pool.map(job, chosen)
         results = list(tqdm(done, total=len(chosen), desc="init adapters", disable=not progress))
     flat = traverse_util.flatten_dict(params, sep="/")
