@@ -15,11 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure  # not pyplot: no global backend or figure state
+from matplotlib.ticker import MaxNLocator
 
 from recyclelora_jax.models.dinov2 import ARCHS, DinoV2, DinoV2Arch
 from recyclelora_jax.peft.init import get_init
@@ -148,23 +146,26 @@ def plot_similarity(params: Params, layout: AdapterLayout, path: str, title: str
     if spec is None:
         raise KeyError(f"layer {path!r} has no adapters; adapted: {[p for p, _ in layout][:8]}…")
     names = [n for n, _ in spec.ranks]
-    fig, axes = plt.subplots(len(names), 2, figsize=(8, 3.6 * len(names)), squeeze=False)
+    fig = Figure(figsize=(8, 3.6 * len(names)))
+    axes = fig.subplots(len(names), 2, squeeze=False)
     for row, name in enumerate(names):
         a, b = _adapter(_layer(params, path), name)
         for col, (label, vectors) in enumerate((("rows of A", a.T), ("columns of B", b))):
             ax = axes[row, col]
             image = ax.imshow(cosine_similarity(vectors), vmin=-1, vmax=1, cmap="RdBu_r")
             ax.set_title(f"{name}: {label} (r={len(vectors)})")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             fig.colorbar(image, ax=ax, fraction=0.046)
     fig.suptitle(f"{title} — {path}")
     fig.tight_layout()
     fig.savefig(file, dpi=110)
-    plt.close(fig)
 
 
 def plot_grassmann(results: dict[str, dict[str, Any]], file: Path) -> None:
     """Grassmann distance between the two adapters' ``B`` subspaces, per block and layer type."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     for method, stats in results.items():
         series: dict[str, list[tuple[int, float]]] = {}
         for path, entry in stats["layers"].items():
@@ -176,14 +177,15 @@ def plot_grassmann(results: dict[str, dict[str, Any]], file: Path) -> None:
             ax.plot(x, y, marker="o", label=f"{method} {kind}")
     ax.set_xlabel("block")
     ax.set_ylabel("Grassmann distance (rad)")
-    ax.set_ylim(bottom=0)
+    top = max((max(line.get_ydata()) for line in ax.get_lines()), default=1.0)
+    ax.set_ylim(0, 1.15 * top)  # from 0, with room above the (often flat) init curves
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_title("main vs sub adapter output subspaces")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(file, dpi=110)
-    plt.close(fig)
 
 
 def _rule(method: str, args: argparse.Namespace) -> AttachRule:
