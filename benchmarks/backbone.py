@@ -5,7 +5,7 @@ thread count (pinned cores), float32. Times forward, and forward+backward with r
 input only (a frozen backbone, as in adapter training): medians of `--repeats` alternating runs
 after a warm-up; JAX compile time apart. Prints a table with JAX / PyTorch time ratios.
 
-    python benchmarks/backbone.py                       # S, B at 224 and 512; L at 224 (~4 min)
+    python benchmarks/backbone.py                       # S, B at 224 and 512; L at 224 (~5 min)
     python benchmarks/backbone.py --sizes l --res 512   # the slow one
 """
 
@@ -23,7 +23,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--res", default="224,512", help="comma list of input sizes (default: 224,512)")
     p.add_argument("--skip", default="l@512", help="size@res pairs to skip (default: l@512)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="threads for both (default: 1)")
     return p.parse_args()
 
