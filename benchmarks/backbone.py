@@ -6,7 +6,7 @@ input only (a frozen backbone, as in adapter training): medians of `--repeats` a
 after a warm-up; JAX compile time apart. Prints a table with JAX / PyTorch time ratios.
 
     python benchmarks/backbone.py                       # S, B at 224 and 512; L at 224 (~5 min)
-    python benchmarks/backbone.py --sizes l --res 512   # the slow one
+    python benchmarks/backbone.py --runs l@512          # the slow one (~8 min)
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import time
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--sizes", default="s,b,l", help="comma list of s, b, l (default: s,b,l)")
-    p.add_argument("--res", default="224,512", help="comma list of input sizes (default: 224,512)")
-    p.add_argument("--skip", default="l@512", help="size@res pairs to skip (default: l@512)")
+    p.add_argument(
+        "--runs",
+        default="s@224,s@512,b@224,b@512,l@224",
+        help="comma list of size@pixels, size in s, b, l (default: %(default)s)",
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="threads for both (default: 1)")
@@ -107,7 +109,6 @@ def bench(size: str, res: int, args) -> dict[str, float]:
 
 def main() -> None:
     torch.set_num_threads(ARGS.threads)
-    skip = set(ARGS.skip.split(",")) if ARGS.skip else set()
     print(
         f"jax {jax.__version__}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}; {ARGS.threads} threads, batch {ARGS.batch}, float32, "
@@ -119,19 +120,17 @@ def main() -> None:
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    for size in ARGS.sizes.split(","):
-        for res in map(int, ARGS.res.split(",")):
-            if f"{size}@{res}" in skip:
-                continue
-            r = bench(size, res, ARGS)
-            print(
-                f"| ViT-{size.upper()}/14 | {res} | {r['fwd jax']:.3f} | {r['fwd torch']:.3f} | "
-                f"{r['fwd jax'] / r['fwd torch']:.2f} | {r['fwd+bwd jax']:.3f} | "
-                f"{r['fwd+bwd torch']:.3f} | {r['fwd+bwd jax'] / r['fwd+bwd torch']:.2f} | "
-                f"{r['fwd jax compile']:.1f} / {r['fwd+bwd jax compile']:.1f} | "
-                f"{r['max_abs_diff']:.1e} |",
-                flush=True,
-            )
+    for run in ARGS.runs.split(","):
+        size, res = run.split("@")
+        r = bench(size, int(res), ARGS)
+        print(
+            f"| ViT-{size.upper()}/14 | {res} | {r['fwd jax']:.3f} | {r['fwd torch']:.3f} | "
+            f"{r['fwd jax'] / r['fwd torch']:.2f} | {r['fwd+bwd jax']:.3f} | "
+            f"{r['fwd+bwd torch']:.3f} | {r['fwd+bwd jax'] / r['fwd+bwd torch']:.2f} | "
+            f"{r['fwd jax compile']:.1f} / {r['fwd+bwd jax compile']:.1f} | "
+            f"{r['max_abs_diff']:.1e} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
