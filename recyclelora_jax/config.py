@@ -165,7 +165,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         arch="tiny", weights="", patch_size=8, pos_grid=8, out_indices=(0, 1, 2, 3)
     )
     c.model.head.update(
-        num_queries=16,
+        num_queries=20,
         dim=64,
         encoder_layers=1,
         decoder_layers=2,

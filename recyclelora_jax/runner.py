@@ -38,8 +38,9 @@ def init_distributed(
     cluster, none under a manager JAX detects (SLURM, Cloud TPU, ...)."""
     if coordinator is None and num_processes is None:
         return
-    if jax.default_backend() == "cpu" and jax.config.jax_cpu_collectives_implementation != "gloo":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU devices need a collectives backend across processes (no effect on GPU/TPU). Asking
+    # for the backend here would initialise it, which must wait for `initialize`.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id)
 
 

@@ -83,7 +83,7 @@ class Checkpointer:
         data_iter: Any,
         meta: dict,
     ) -> None:
-        state = {"step": np.asarray(step, np.int64), "rng": jax.random.key_data(rng)}
+        state = {"step": np.asarray(step, np.int64), "rng": np.asarray(jax.random.key_data(rng))}
         self.manager.save(
             step,
             args=ocp.args.Composite(

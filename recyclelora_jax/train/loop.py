@@ -129,13 +129,22 @@ def make_step_fn(run: Run) -> Callable:
         return trainable, opt_state, metrics
 
     mesh = run.mesh
-    state_sh = (tree_shardings(mesh, run.trainable), None, tree_shardings(mesh, run.frozen))
+    state_sh = (tree_shardings(mesh, run.trainable), opt_state_shardings(run), None)
     return jax.jit(
         step_fn,
-        in_shardings=(*state_sh, None, replicated(mesh)),
-        out_shardings=(state_sh[0], None, replicated(mesh)),
+        in_shardings=(*state_sh[:2], tree_shardings(mesh, run.frozen), None, replicated(mesh)),
+        out_shardings=(*state_sh[:2], replicated(mesh)),
         donate_argnums=(0, 1),
     )
+
+
+def opt_state_shardings(run: Run) -> Any:
+    """Optimizer state split like the parameters it mirrors (FSDP rule), scalars replicated."""
+    return tree_shardings(run.mesh, jax.eval_shape(run.tx.init, run.trainable))
+
+
+def init_opt_state(run: Run) -> Any:
+    return jax.jit(run.tx.init, out_shardings=opt_state_shardings(run))(run.trainable)
 
 
 class _Preemption:
@@ -166,7 +175,7 @@ def train(
     t = cfg.train
     local_batch = check_batch_size(t.batch_size, run.mesh)
     ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
-    opt_state = jax.jit(run.tx.init)(run.trainable)
+    opt_state = init_opt_state(run)
     ema = run.trainable if cfg.optim.ema_momentum else None
     loader = make_train_loader(
         [Source(b, s, _data_dir(cfg, d), n or None) for b, s, n, d in _sources(cfg)],

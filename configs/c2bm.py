@@ -1,0 +1,15 @@
+"""Cityscapes -> BDD100K / Mapillary, RecycleLoRA r_main 32 + r_sub 2 (SPEC §2, §7).
+
+Arguments as ``configs/g2cbm.py`` (``method=``, ``smoke``, ``seed=``).
+"""
+
+from recyclelora_jax.config import apply_common_args, base_config, parse_arg
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.name = "c2bm"
+    c.peft.r_sub = 2
+    c.data.sources = (("dg_cityscapes", "train", 0),)
+    c.eval.datasets = ("dg_bdd100k", "dg_mapillary")
+    return apply_common_args(c, parse_arg(arg))

@@ -1,0 +1,19 @@
+"""GTAV + SYNTHIA + UrbanSyn -> Cityscapes / BDD100K / Mapillary, RecycleLoRA 32 + 4.
+
+UrbanSyn has no builder in this release (see docs/DESIGN.md): this config names it as
+``dg_urbansyn`` and fails with TFDS's "dataset not found" until one is registered.
+Arguments as ``configs/g2cbm.py``.
+"""
+
+from recyclelora_jax.config import apply_common_args, base_config, parse_arg
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.name = "gsu2cbm"
+    c.data.sources = (
+        ("dg_gtav", "train", 12_403),
+        ("dg_synthia", "train", 0),
+        ("dg_urbansyn", "train", 0),
+    )
+    return apply_common_args(c, parse_arg(arg))

@@ -1,0 +1,56 @@
+"""Shared pieces of the training tests: tiny synthetic datasets and a tiny config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_collections
+
+from recyclelora_jax.config import apply_method, base_config, smoke
+from recyclelora_jax.data.synthetic import prepare_synthetic_demo
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_data(root: Path) -> dict[str, tuple[str, Path]]:
+    """GTAV-layout "synthetic" style and one Cityscapes-layout "photo" style, 16 + 4 images."""
+    return prepare_synthetic_demo(
+        root / "raw", root / "tfds", styles=("photo",), num_train=16, num_val=4, size=(96, 48)
+    )
+
+
+def tiny_config(data: dict, method: str = "recyclelora", **train) -> ml_collections.ConfigDict:
+    """The smoke config with the linear head (compiles in seconds) on the test datasets:
+    3 steps of batch 8 by default. The Mask2Former loop runs in the demo test."""
+    c = smoke(apply_method(base_config(), method))
+    c.model.head = ml_collections.ConfigDict(dict(name="linear", num_classes=19))
+    gtav = str(data["gtav"][1])
+    photo = str(data["cityscapes_photo"][1])
+    c.data.update(sources=(("dg_gtav", "train[:16]", 0, gtav),), crop_size=32, workers=0)
+    c.eval.update(
+        datasets=(
+            ("synthetic", "dg_gtav", "train[16:]", gtav, "native"),
+            ("photo", "dg_cityscapes", "validation", photo, "native"),
+        ),
+        mode="whole",
+        max_images=0,
+    )
+    c.train.update(steps=3, batch_size=8, log_every=1, checkpoint_every=3, eval_every=10**6)
+    c.train.update(train)
+    return c
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    """Step -> loss from a run's metrics.jsonl (training rows only)."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def write_config_file(path: Path, cfg: ml_collections.ConfigDict) -> Path:
+    """A config file for train.py subprocesses that returns exactly ``cfg``."""
+    path.write_text(
+        "import ml_collections\n\n\ndef get_config(arg=None):\n"
+        f"    return ml_collections.ConfigDict({cfg.to_dict()!r})\n"
+    )
+    return path
