@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from train_helpers import REPO, losses, make_data, tiny_config, write_config_file
@@ -22,7 +23,7 @@ from recyclelora_jax import build
 from recyclelora_jax.config import base_config
 from recyclelora_jax.evaluate.suite import PredictionSaver, evaluate_suite
 from recyclelora_jax.export import load_export, load_trained, merge_segmentor, save_export
-from recyclelora_jax.train import optim
+from recyclelora_jax.train import loop, optim
 from recyclelora_jax.train.checkpoint import Checkpointer, CheckpointMismatchError
 from recyclelora_jax.train.loop import build_run, train
 
@@ -103,6 +104,8 @@ def test_sigkill_then_restart_reproduces_the_uninterrupted_run(reference_run, tm
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "resumed from step" in restarted.stderr
     assert losses(workdir) == losses(ref_dir)
+    logged = [json.loads(r)["step"] for r in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == sorted(logged), "rows of the killed run after its checkpoint were kept"
     got, want = _trained_adapters(workdir, cfg), _trained_adapters(ref_dir, cfg)
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
@@ -136,6 +139,26 @@ def test_adapters_only_restore_and_merged_export_predict_the_same(reference_run,
     for name in adapted.rows:
         for a, b in zip(adapted.rows[name], exported.rows[name], strict=True):
             np.testing.assert_array_equal(a[2], b[2])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_state(data, tmp_path, monkeypatch):
+    real = loop.segmentation_loss
+
+    def poisoned(outputs, labels, rng, cfg):
+        loss, terms = real(outputs, labels, rng, cfg)
+        return loss * jnp.nan, terms
+
+    monkeypatch.setattr(loop, "segmentation_loss", poisoned)
+    cfg = tiny_config(data)
+    with pytest.raises(loop.NonFiniteLossError, match="loss is nan at step 1"):
+        train(cfg, tmp_path)
+    fresh = build_run(cfg, tmp_path / "fresh").trainable
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    assert ckpt.latest_step() == 0
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
+    saved = ckpt.restore(abstract).trainable
+    ckpt.close()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(saved), jax.device_get(fresh))
 
 
 def _free_port() -> int:

@@ -123,8 +123,16 @@ def make_step_fn(run: Run) -> Callable:
     def step_fn(trainable, opt_state, frozen, batch, step):
         rng = jax.random.fold_in(key, step)
         (loss, terms), grads = compute_grads(trainable, frozen, batch["image"], batch["label"], rng)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        updates, new_opt_state = tx.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        # A non-finite loss must not reach the parameters: keep the last good state (the
+        # inputs are donated, so the host could not restore them afterwards).
+        finite = jnp.isfinite(loss)
+        trainable, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (new_trainable, new_opt_state),
+            (trainable, opt_state),
+        )
         metrics = {"loss": loss, **terms, "lr": lr(step), "grad_norm": optax.global_norm(grads)}
         return trainable, opt_state, metrics
 
@@ -202,7 +210,7 @@ def train(
         "config": json.loads(cfg.to_json_best_effort()),
         "base_weights": cfg.model.backbone.weights,
     }
-    metrics_log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+    metrics_log = MetricsLog(workdir, enabled=jax.process_index() == 0, resume_step=start)
     preemption = _Preemption()
 
     def save(step: int) -> None:
@@ -227,10 +235,14 @@ def train(
     try:
         for step in bar:
             batch = global_batch(next(batches), run.mesh)
-            previous = run.trainable, opt_state
             run.trainable, opt_state, metrics = step_fn(
                 run.trainable, opt_state, run.frozen, batch, jnp.int32(step)
             )
+            if not math.isfinite(float(metrics["loss"])):
+                raise NonFiniteLossError(
+                    f"loss is {float(metrics['loss'])} at step {step + 1}; stopped with the "
+                    f"state of step {step} checkpointed in {ckpt.directory}"
+                )
             if ema is not None:
                 ema = optim.ema_update(
                     ema, run.trainable, step, cfg.optim.ema_momentum, cfg.optim.ema_start
@@ -238,12 +250,6 @@ def train(
             done = step + 1
             if done % t.log_every == 0 or done == t.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(metrics["loss"]):
-                    run.trainable, opt_state = previous
-                    raise NonFiniteLossError(
-                        f"loss is {metrics['loss']} at step {done}; stopped (last good state "
-                        f"of step {step} checkpointed in {ckpt.directory})"
-                    )
                 elapsed = time.perf_counter() - tick
                 tick = time.perf_counter()
                 steps_done = done % t.log_every or t.log_every
@@ -265,7 +271,8 @@ def train(
             if preemption.requested:
                 break
     except NonFiniteLossError:
-        save(step)
+        if ckpt.latest_step() != step:
+            save(step)
         raise
     finally:
         ckpt.wait()

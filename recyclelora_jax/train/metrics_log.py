@@ -13,15 +13,22 @@ class MetricsLog:
     """Appends to ``workdir/metrics.jsonl`` and writes scalars under ``workdir/tensorboard``.
 
     Nested mappings (per-dataset mIoU) become ``name/key`` scalars. Only the writing process
-    (``enabled``) touches the files, so multi-host runs log once.
+    (``enabled``) touches the files, so multi-host runs log once. A run resumed from
+    ``resume_step`` first drops the rows a killed predecessor logged after that step, so the
+    file reads as one uninterrupted run.
     """
 
-    def __init__(self, workdir: str | Path, enabled: bool = True):
+    def __init__(self, workdir: str | Path, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         if not enabled:
             return
+        path = Path(workdir) / "metrics.jsonl"
+        if path.exists():
+            rows = path.read_text().splitlines()
+            kept = [r for r in rows if json.loads(r)["step"] <= resume_step]
+            path.write_text("".join(r + "\n" for r in kept))
+        self._file = path.open("a")
         workdir = Path(workdir)
-        self._file = (workdir / "metrics.jsonl").open("a")
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
