@@ -1,0 +1,413 @@
+"""Full training step speed: this project's jitted step vs a PyTorch reference from transformers.
+
+One step = DINOv2 backbone (patch 16, 32x32 position grid, random frozen weights) with RecycleLoRA
+adapters (main rank 32 + sub rank 4) on every qkv/proj/fc1/fc2 + Mask2Former head + the
+Mask2Former set loss over all 10 prediction sets + AdamW (poly LR, cosine weight decay, four
+parameter groups) on the trainable leaves only; 512-px crops, float32.
+
+JAX: the package's own step (``train.loop.build_run`` / ``make_step_fn``), so what is timed is
+what ``train.py`` runs. PyTorch: ``transformers.Dinov2Model`` with the same adapters (the qkv
+adapter is shared by q/k/v as on the fused kernel), the bilinear pyramid, transformers'
+``Mask2FormerPixelDecoder`` + ``Mask2FormerTransformerModule`` + class Linear,
+``Mask2FormerLoss`` with the recipe's weights and point sampling, ``torch.optim.AdamW``.
+
+Each (size, framework) runs in its own child process on the same pinned cores (peak RSS is its
+own); the parent prints a markdown table with torch / JAX time ratios.
+
+    python benchmarks/train_step.py                      # ViT-S and ViT-B, 3 timed steps
+    python benchmarks/train_step.py --sizes l --steps 1  # ViT-L (~15 GiB per framework)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# size -> (width, depth, heads, out_indices): SPEC's ViT-L blocks, quarter ends for S/B.
+SIZES = {
+    "s": (384, 12, 6, (2, 5, 8, 11)),
+    "b": (768, 12, 12, (2, 5, 8, 11)),
+    "l": (1024, 24, 16, (7, 11, 15, 23)),
+}
+PATCH, CLASSES, IGNORE = 16, 19, 255
+RANKS = (("main", 32), ("sub", 4))
+LR, WD, WD_MIN, POWER, TOTAL_STEPS = 1e-4, 0.05, 1e-5, 0.9, 40_000
+LR_MULT = {"main": 1.0, "sub": 0.5, "head_no_decay": 1.0, "head": 1.0}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", default="s,b", help="comma list of s, b, l (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--crop", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2, help="cores / threads for both")
+    p.add_argument(
+        "--workdir",
+        default="",
+        help="keep the JAX adapter-init cache here across runs (default: a temporary folder)",
+    )
+    p.add_argument("--child", nargs=2, metavar=("FRAMEWORK", "SIZE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    unknown = set(args.sizes.split(",")) - SIZES.keys()
+    if unknown:
+        p.error(f"--sizes: unknown {sorted(unknown)}; choose from {sorted(SIZES)}")
+    if args.crop % PATCH:
+        p.error(f"--crop {args.crop} must be a multiple of the patch size {PATCH}")
+    return args
+
+
+def make_batch(batch: int, crop: int, seed: int = 0) -> dict:
+    """Random image and a blocky label map (16-px blocks of random classes, 5 % ignore), the
+    same numpy arrays for both frameworks."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    image = rng.standard_normal((batch, crop, crop, 3), dtype=np.float32)
+    blocks = rng.integers(0, CLASSES, (batch, crop // 16, crop // 16))
+    label = blocks.repeat(16, 1).repeat(16, 2).astype(np.int32)
+    label[rng.random(label.shape) < 0.05] = IGNORE
+    return {"image": image, "label": label}
+
+
+def timed_steps(step, warmup: int, steps: int) -> tuple[list[float], float]:
+    """Run ``step()`` (which returns the loss, synchronised) ``warmup`` + ``steps`` times;
+    returns the timed seconds and the last loss."""
+    for _ in range(warmup):
+        step()
+    times, loss = [], float("nan")
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - start)
+    return times, loss
+
+
+# ----------------------------------------------------------------------------------------- JAX
+
+
+def run_jax(size: str, args: argparse.Namespace) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from recyclelora_jax.config import base_config
+    from recyclelora_jax.train.loop import build_run, init_opt_state, make_step_fn
+
+    _, _, _, out_indices = SIZES[size]
+    cfg = base_config()
+    cfg.model.backbone.update(
+        arch=f"vit{size}14", weights="", pos_grid=args.crop // PATCH, out_indices=out_indices
+    )
+    cfg.train.batch_size = args.batch
+    cfg.data.crop_size = args.crop
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        run = build_run(cfg, Path(args.workdir or tmp))  # includes the RRQR adapter init
+    build_s = time.perf_counter() - start
+    opt_state = init_opt_state(run)
+    batch = {k: jnp.asarray(v) for k, v in make_batch(args.batch, args.crop).items()}
+
+    start = time.perf_counter()
+    lowered = make_step_fn(run).lower(run.trainable, opt_state, run.frozen, batch, jnp.int32(0))
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    state = {"trainable": run.trainable, "opt": opt_state, "i": 0}
+
+    def step() -> float:
+        state["trainable"], state["opt"], metrics = compiled(
+            state["trainable"], state["opt"], run.frozen, batch, jnp.int32(state["i"])
+        )
+        state["i"] += 1
+        return float(metrics["loss"])  # waits for the step
+
+    times, loss = timed_steps(step, args.warmup, args.steps)
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+    return {
+        "times": times,
+        "loss": loss,
+        "compile_s": compile_s,
+        "build_s": build_s,
+        "trainable": count(state["trainable"]),
+        "xla_temp_gib": mem.temp_size_in_bytes / 2**30 if mem else float("nan"),
+        "version": f"jax {jax.__version__}",
+    }
+
+
+# ------------------------------------------------------------------------------------- PyTorch
+
+
+def torch_modules():
+    """The reference's nn.Module classes (defined here so the parent never imports torch)."""
+    import torch
+    from torch import nn
+
+    class LowRank(nn.Module):
+        """``scale * sum_i (x a_i) b_i`` of one (possibly fused) layer; the ``x a_i`` products
+        of the current input are computed once by ``begin`` and shared by every slice."""
+
+        def __init__(self, n_in: int, n_out: int, scale: float) -> None:
+            super().__init__()
+            self.scale = scale
+            self.a = nn.ParameterDict(
+                {n: nn.Parameter(torch.randn(n_in, r) / math.sqrt(n_in)) for n, r in RANKS}
+            )
+            self.b = nn.ParameterDict(
+                {n: nn.Parameter(torch.randn(r, n_out) * 1e-3) for n, r in RANKS}
+            )
+            self.hidden = None
+
+        def begin(self, x: torch.Tensor) -> None:
+            self.hidden = {n: x @ a for n, a in self.a.items()}
+
+        def end(self) -> None:
+            self.hidden = None
+
+        def forward(self, part: slice) -> torch.Tensor:
+            return self.scale * sum(h @ self.b[n][:, part] for n, h in self.hidden.items())
+
+    class Adapted(nn.Module):
+        """A frozen nn.Linear plus its slice of a low-rank update."""
+
+        def __init__(self, base: nn.Linear, adapter: LowRank, part: slice) -> None:
+            super().__init__()
+            self.base = base.requires_grad_(False)
+            self.adapter = adapter
+            self.part = part
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.adapter.hidden is None:  # first slice of this input (q of q/k/v)
+                self.adapter.begin(x)
+            return self.base(x) + self.adapter(self.part)
+
+    return LowRank, Adapted
+
+
+def adapt_dinov2(model, scale: float) -> list:
+    """Attach the adapters in place: one fused qkv adapter (shared ``x a`` for q, k and v, each
+    taking a third of ``b``), and one each on o_proj, fc1, fc2. Returns the adapters."""
+    LowRank, Adapted = torch_modules()
+    adapters = []
+    for layer in model.encoder.layer:
+        attn, mlp = layer.attention, layer.mlp
+        width = attn.q_proj.in_features
+        qkv = LowRank(width, 3 * width, scale)
+        for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            part = slice(i * width, (i + 1) * width)
+            setattr(attn, name, Adapted(getattr(attn, name), qkv, part))
+        attn.register_forward_hook(lambda *_, a=qkv: a.end())
+        adapters.append(qkv)
+        for parent, name in ((attn, "o_proj"), (mlp, "fc1"), (mlp, "fc2")):
+            base = getattr(parent, name)
+            single = LowRank(base.in_features, base.out_features, scale)
+            setattr(parent, name, Adapted(base, single, slice(None)))
+            parent.register_forward_hook(lambda *_, a=single: a.end())
+            adapters.append(single)
+    return adapters
+
+
+def _param_groups(adapters: list, head) -> list[dict]:
+    """The recipe's groups: main (lr 1), sub (lr 0.5), head embeddings/norms, rest of head."""
+    groups = {name: [] for name in LR_MULT}
+    for adapter in adapters:
+        for name, _ in RANKS:
+            groups[name] += [adapter.a[name], adapter.b[name]]
+    no_decay = ("queries_embedder", "queries_features", "level_embed", "norm")
+    for name, p in head.named_parameters():
+        groups["head_no_decay" if any(k in name for k in no_decay) else "head"].append(p)
+    return [{"params": ps, "name": n, "decays": n == "head"} for n, ps in groups.items()]
+
+
+def _schedule(optimizer, step: int) -> None:
+    """Poly LR and cosine-annealed weight decay (mmengine closed forms) for ``step``."""
+    lr = LR * ((TOTAL_STEPS - min(step, TOTAL_STEPS)) / TOTAL_STEPS) ** POWER
+    half = min(step, TOTAL_STEPS) * math.pi / (2 * TOTAL_STEPS)
+    for g in optimizer.param_groups:
+        g["lr"] = lr * LR_MULT[g["name"]]
+        start = WD if g["decays"] else 0.0
+        g["weight_decay"] = start * math.cos(half) ** 2 + WD_MIN * math.sin(half) ** 2
+
+
+def run_torch(size: str, args: argparse.Namespace) -> dict:
+    import torch
+    import transformers
+    from torch.nn import functional as F
+    from transformers.models.mask2former import modeling_mask2former as hf
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    width, depth, heads, out_indices = SIZES[size]
+    backbone = transformers.Dinov2Model(
+        transformers.Dinov2Config(
+            hidden_size=width,
+            num_hidden_layers=depth,
+            num_attention_heads=heads,
+            patch_size=PATCH,
+            image_size=args.crop,
+        )
+    ).train()
+    backbone.requires_grad_(False)
+    adapters = adapt_dinov2(backbone, scale=1.0 / sum(r for _, r in RANKS))
+    config = hf.Mask2FormerConfig(
+        num_labels=CLASSES,
+        feature_size=256,
+        mask_feature_size=256,
+        hidden_dim=256,
+        encoder_layers=6,
+        decoder_layers=10,  # counts the initial prediction: 9 layers, 10 supervised sets
+        num_queries=100,
+        dim_feedforward=2048,
+        encoder_feedforward_dim=1024,
+        common_stride=4,
+        feature_strides=[4, 8, 16, 32],
+        train_num_points=12544,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
+        class_weight=2.0,
+        mask_weight=5.0,
+        dice_weight=5.0,
+        no_object_weight=0.1,
+    )
+    head = torch.nn.ModuleDict(
+        {
+            "pixel": hf.Mask2FormerPixelDecoder(config, feature_channels=[width] * 4),
+            "transformer": hf.Mask2FormerTransformerModule(config.feature_size, config),
+            "cls": torch.nn.Linear(config.hidden_dim, CLASSES + 1),
+        }
+    ).train()
+    with torch.no_grad():
+        head["pixel"].level_embed.normal_()  # created uninitialised outside a full model
+    weights = {"loss_cross_entropy": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
+    criterion = hf.Mask2FormerLoss(config, weights)
+    optimizer = torch.optim.AdamW(
+        _param_groups(adapters, head), lr=LR, betas=(0.9, 0.999), eps=1e-8
+    )
+    data = make_batch(args.batch, args.crop)
+    pixels = torch.from_numpy(data["image"]).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(data["label"])
+    grid = args.crop // PATCH
+    count = {"i": 0}
+
+    def loss_fn() -> torch.Tensor:
+        hidden = backbone(pixels, output_hidden_states=True).hidden_states
+        maps = [
+            hidden[i + 1][:, 1:].transpose(1, 2).unflatten(2, (grid, grid)) for i in out_indices
+        ]
+        pyramid = [
+            F.interpolate(m, scale_factor=s, mode="bilinear", align_corners=False)
+            for m, s in zip(maps, (4.0, 2.0, 1.0, 0.5), strict=True)
+        ]
+        pix = head["pixel"](pyramid)
+        dec = head["transformer"](pix.multi_scale_features, pix.mask_features)
+        logits = [head["cls"](h.transpose(0, 1)) for h in dec.intermediate_hidden_states]
+        masks = dec.masks_queries_logits
+        classes = [torch.unique(lab[lab != IGNORE]).long() for lab in labels]
+        mask_labels = [
+            (lab[None] == c[:, None, None]).float() for lab, c in zip(labels, classes, strict=True)
+        ]
+        aux = [
+            {"masks_queries_logits": m, "class_queries_logits": c}
+            for m, c in zip(masks[:-1], logits[:-1], strict=True)
+        ]
+        terms = criterion(masks[-1], logits[-1], mask_labels, classes, aux)
+        return sum(v * w for k, v in terms.items() for n, w in weights.items() if k.startswith(n))
+
+    def step() -> float:
+        _schedule(optimizer, count["i"])
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        count["i"] += 1
+        return loss.item()
+
+    times, loss = timed_steps(step, args.warmup, args.steps)
+    trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    return {
+        "times": times,
+        "loss": loss,
+        "trainable": trainable,
+        "version": f"torch {torch.__version__}, transformers {transformers.__version__}",
+    }
+
+
+# --------------------------------------------------------------------------------------- driver
+
+
+def child(args: argparse.Namespace) -> None:
+    framework, size = args.child
+    result = (run_jax if framework == "jax" else run_torch)(size, args)
+    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(result))
+
+
+def spawn(framework: str, size: str, argv: list[str]) -> dict:
+    cmd = [sys.executable, __file__, *argv, "--child", framework, size]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.stderr.write(done.stderr[-4000:])
+        return {"error": f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def row(size: str, args: argparse.Namespace, j: dict, t: dict) -> str:
+    if "error" in j or "error" in t:
+        return (
+            f"| ViT-{size.upper()} | JAX: {j.get('error', 'ok')}, torch: {t.get('error', 'ok')} |"
+        )
+    js, ts = statistics.median(j["times"]), statistics.median(t["times"])
+    return (
+        f"| ViT-{size.upper()} | {args.steps} | {js:.2f} | {ts:.2f} | {ts / js:.2f} | "
+        f"{args.batch / js:.3f} | {args.batch / ts:.3f} | {j['compile_s']:.0f} | "
+        f"{j['peak_rss_gib']:.1f} | {t['peak_rss_gib']:.1f} | {j['xla_temp_gib']:.1f} | "
+        f"{j['trainable'] / 1e6:.2f} / {t['trainable'] / 1e6:.2f} | "
+        f"{j['loss']:.1f} / {t['loss']:.1f} |"
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    # Same cores for both, chosen before either library sizes its thread pools.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
+    if args.child:
+        child(args)
+        return
+    argv = sys.argv[1:]
+    lines, versions = [], {}
+    for size in args.sizes.split(","):
+        load = os.getloadavg()[0]
+        j, t = spawn("jax", size, argv), spawn("torch", size, argv)
+        versions.update({k: r["version"] for k, r in (("jax", j), ("torch", t)) if "version" in r})
+        lines.append(row(size, args, j, t))
+        print(
+            f"ViT-{size.upper()} done (load average {load:.1f} before, "
+            f"{os.getloadavg()[0]:.1f} after)",
+            file=sys.stderr,
+        )
+    print(
+        f"{platform.machine()}, {args.threads} threads; {'; '.join(versions.values())}; "
+        f"batch {args.batch}, {args.crop} px, float32, median of {args.steps} after "
+        f"{args.warmup} warm-up"
+    )
+    print(
+        "| model | steps | JAX s/step | torch s/step | torch / JAX | JAX img/s | torch img/s | "
+        "JAX compile s | peak RSS JAX GiB | peak RSS torch GiB | XLA temp GiB | "
+        "trainable M (JAX / torch) | last loss (JAX / torch) |"
+    )
+    print("|---" * 13 + "|")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
