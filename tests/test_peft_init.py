@@ -4,8 +4,17 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from threadpoolctl import threadpool_limits
 
 from recyclelora_jax.peft.init import INIT_METHODS, get_init, recyclelora, run_init
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    """OpenBLAS's threads spin on a shared 2-core host (docs/BENCHMARKS.md); as in `attach`."""
+    with threadpool_limits(limits=1):
+        yield
+
 
 # Flax (in, out) kernels of ViT-L: qkv, proj, fc1, fc2 (fc2 is the wide W0 = 1024 x 4096).
 VITL_KERNELS = [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)]
