@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
-    "configs/demo.py",
+    str(Path(__file__).resolve().parent / "configs" / "demo.py"),
     "Config file, optionally with arguments: configs/g2cbm.py:method=soma,smoke",
     lock_config=True,
 )
