@@ -14,14 +14,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from recyclelora_jax.convert import load_dinov2
 from recyclelora_jax.losses import LossConfig
 from recyclelora_jax.models.dinov2 import ARCHS, DinoV2, DinoV2Arch
 from recyclelora_jax.models.segmentor import Segmentor, build_head
 from recyclelora_jax.peft.layers import AdapterLayout
-from recyclelora_jax.peft.params import AttachRule, adapter_layout
+from recyclelora_jax.peft.params import AttachRule
 from recyclelora_jax.train import optim
 from recyclelora_jax.train.optim import FROZEN, OptimConfig, ParamGroup
 
@@ -97,10 +96,12 @@ def peft_plan(peft: Mapping, optim_cfg: Mapping, depth: int) -> PeftPlan:
         labels = optim.soma_rules(int(first), depth)
         groups = (ParamGroup("backbone", optim_cfg["backbone_lr_mult"], True), *head_groups)
         return PeftPlan((rule,), labels, groups)
+    adapted_bias = r"^backbone/.*/(qkv|proj|fc1|fc2|w12|w3)/bias$"
+    bias_rules = ((adapted_bias, "backbone"),) if peft["train_adapted_bias"] else ()
     labels = (
         (r"^backbone/.*/adapter_(main|lora)/", "main"),
         (r"^backbone/.*/adapter_sub/", "sub"),
-        *((r"^backbone/.*/bias$", "backbone"),) * bool(peft["train_adapted_bias"]),
+        *bias_rules,
         (r"^backbone/", FROZEN),
         *optim.FROZEN_BACKBONE_RULES[1:],
     )
@@ -173,12 +174,3 @@ def init_head(model: Segmentor, crop: int, seed: int) -> Params:
     features = jax.eval_shape(model.backbone.init_with_output, jax.random.key(0), images)[0]
     zeros = [jnp.zeros(f.shape, jnp.float32) for f in features["features"]]
     return jax.jit(model.head.init)(jax.random.key(seed), zeros)["params"]
-
-
-def expected_layout(cfg: ml_collections.ConfigDict, arch: DinoV2Arch) -> AdapterLayout:
-    plan = peft_plan(cfg.peft, cfg.optim, arch.depth)
-    return adapter_layout(arch, plan.attach_rules)
-
-
-def to_numpy(tree: Params) -> Params:
-    return jax.tree.map(np.asarray, tree)

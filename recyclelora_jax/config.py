@@ -172,7 +172,11 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         encoder_ffn_dim=128,
         decoder_ffn_dim=256,
     )
-    c.peft.update(r_main=min(c.peft.r_main, 4), r_sub=min(c.peft.r_sub, 2))
+    first, stop = c.peft.blocks
+    # SoMA's 8 frozen blocks of 24 become 1 of the tiny backbone's 4.
+    c.peft.update(
+        r_main=min(c.peft.r_main, 4), r_sub=min(c.peft.r_sub, 2), blocks=(min(first, 1), stop)
+    )
     c.train.update(steps=6, batch_size=2, log_every=1, checkpoint_every=3, eval_every=6)
     c.data.update(
         data_dir="runs/synthetic/tfds",
