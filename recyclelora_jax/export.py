@@ -19,15 +19,11 @@ from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
 from recyclelora_jax.models.segmentor import Segmentor
 from recyclelora_jax.peft.params import merge
 from recyclelora_jax.train import optim
-from recyclelora_jax.train.checkpoint import Checkpointer
+from recyclelora_jax.train.checkpoint import Checkpointer, abstract_like
 from recyclelora_jax.train.loop import build_run
 
 Params = dict[str, Any]
 FORMAT_TAG = "recyclelora_jax.segmentor"
-
-
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def load_trained(
@@ -43,10 +39,10 @@ def load_trained(
         run = build_run(cfg, workdir)
         if cfg.optim.ema_momentum:
             state = {"tx": jax.eval_shape(run.tx.init, run.trainable), "ema": run.trainable}
-            restored = ckpt.restore(_abstract(run.trainable), _abstract(state), step=step)
+            restored = ckpt.restore(abstract_like(run.trainable), abstract_like(state), step=step)
             trainable = restored.opt_state["ema"]
         else:
-            trainable = ckpt.restore(_abstract(run.trainable), step=step).trainable
+            trainable = ckpt.restore(abstract_like(run.trainable), step=step).trainable
     finally:
         ckpt.close()
     return run.model, optim.merge_trees(trainable, run.frozen), cfg

@@ -24,7 +24,11 @@ from recyclelora_jax.config import base_config
 from recyclelora_jax.evaluate.suite import PredictionSaver, evaluate_suite
 from recyclelora_jax.export import load_export, load_trained, merge_segmentor, save_export
 from recyclelora_jax.train import loop, optim
-from recyclelora_jax.train.checkpoint import Checkpointer, CheckpointMismatchError
+from recyclelora_jax.train.checkpoint import (
+    Checkpointer,
+    CheckpointMismatchError,
+    abstract_like,
+)
 from recyclelora_jax.train.loop import build_run, train
 
 
@@ -45,7 +49,7 @@ def reference_run(data, tmp_path_factory):
 
 def _trained_adapters(workdir: Path, cfg) -> dict:
     run = build_run(cfg, workdir)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), run.trainable)
+    abstract = abstract_like(run.trainable)
     ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
     try:
         return jax.device_get(ckpt.restore(abstract).trainable)
@@ -115,7 +119,7 @@ def test_restore_into_other_config_names_the_parameter(reference_run, data, tmp_
     other = tiny_config(data)
     other.peft.r_main = cfg.peft.r_main + 1
     run = build_run(other, tmp_path)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), run.trainable)
+    abstract = abstract_like(run.trainable)
     ckpt = Checkpointer(ref_dir / "checkpoints", async_save=False)
     with pytest.raises(CheckpointMismatchError, match=r"adapter_main/a: checkpoint shape"):
         ckpt.restore(abstract)
@@ -155,10 +159,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(data, tmp_path, mon
     fresh = build_run(cfg, tmp_path / "fresh").trainable
     ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
     assert ckpt.latest_step() == 0
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
+    abstract = abstract_like(fresh)
     saved = ckpt.restore(abstract).trainable
     ckpt.close()
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(saved), jax.device_get(fresh))
+
+
+def test_soma_recipe_trains_with_ema(data, tmp_path):
+    cfg = tiny_config(data, method="soma", steps=3)
+    cfg.optim.update(ema_momentum=0.5, ema_start=1)
+    train(cfg, tmp_path)
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    run = build_run(cfg, tmp_path)
+    state = {"tx": jax.eval_shape(run.tx.init, run.trainable), "ema": run.trainable}
+    restored = ckpt.restore(abstract_like(run.trainable), abstract_like(state))
+    ckpt.close()
+    trained, ema = jax.device_get((restored.trainable, restored.opt_state["ema"]))
+    _, params, _ = load_trained(tmp_path)  # evaluation uses the EMA weights
+
+    def qkv_bias(tree):  # an adapted layer's bias: SoMA trains it
+        return np.asarray(tree["backbone"]["blocks_3"]["attn"]["qkv"]["bias"])
+
+    np.testing.assert_array_equal(qkv_bias(params), qkv_bias(ema))
+    assert not np.array_equal(qkv_bias(ema), qkv_bias(trained))
 
 
 def _free_port() -> int:

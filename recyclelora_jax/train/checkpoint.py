@@ -35,6 +35,14 @@ class Restored:
     meta: dict
 
 
+def abstract_like(tree: Any) -> Any:
+    """Restore target for ``tree``: shapes, dtypes and shardings, no data."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree,
+    )
+
+
 def _paths_and_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape) for p, x in flat}

@@ -29,7 +29,7 @@ from recyclelora_jax.data.pipeline import Source, make_train_loader
 from recyclelora_jax.losses import segmentation_loss
 from recyclelora_jax.peft.params import attach
 from recyclelora_jax.train import optim
-from recyclelora_jax.train.checkpoint import Checkpointer
+from recyclelora_jax.train.checkpoint import Checkpointer, abstract_like
 from recyclelora_jax.train.metrics_log import MetricsLog
 from recyclelora_jax.train.sharding import (
     check_batch_size,
@@ -133,7 +133,7 @@ def make_step_fn(run: Run) -> Callable:
             (new_trainable, new_opt_state),
             (trainable, opt_state),
         )
-        metrics = {"loss": loss, **terms, "lr": lr(step), "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, **terms, "lr": lr(step), "grad_norm": optax.tree.norm(grads)}
         return trainable, opt_state, metrics
 
     mesh = run.mesh
@@ -184,7 +184,8 @@ def train(
     local_batch = check_batch_size(t.batch_size, run.mesh)
     ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
     opt_state = init_opt_state(run)
-    ema = run.trainable if cfg.optim.ema_momentum else None
+    # A copy: the step donates (and so deletes) the trainable buffers.
+    ema = jax.tree.map(jnp.copy, run.trainable) if cfg.optim.ema_momentum else None
     loader = make_train_loader(
         [Source(b, s, _data_dir(cfg, d), n or None) for b, s, n, d in _sources(cfg)],
         batch_size=local_batch,
@@ -195,11 +196,8 @@ def train(
     batches = iter(loader)
     start = 0
     if ckpt.latest_step() is not None:
-        abstract = lambda tree: jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
-        )
         state = {"tx": opt_state, "ema": ema}
-        restored = ckpt.restore(abstract(run.trainable), abstract(state))
+        restored = ckpt.restore(abstract_like(run.trainable), abstract_like(state))
         run.trainable = restored.trainable
         opt_state, ema = restored.opt_state["tx"], restored.opt_state["ema"]
         batches.set_state(restored.data_iter["state"].encode())
