@@ -14,8 +14,8 @@ adapter is shared by q/k/v as on the fused kernel), the bilinear pyramid, transf
 Each (size, framework) runs in its own child process on the same pinned cores (peak RSS is its
 own); the parent prints a markdown table with torch / JAX time ratios.
 
-    python benchmarks/train_step.py                      # ViT-S and ViT-B, 3 timed steps
-    python benchmarks/train_step.py --sizes l --steps 1  # ViT-L (~15 GiB per framework)
+    python benchmarks/train_step.py                      # ViT-S and ViT-B, 2 timed steps
+    python benchmarks/train_step.py --sizes l --steps 1 --remat  # ViT-L in less memory
 """
 
 from __future__ import annotations
@@ -48,11 +48,16 @@ LR_MULT = {"main": 1.0, "sub": 0.5, "head_no_decay": 1.0, "head": 1.0}
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", default="s,b", help="comma list of s, b, l (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--crop", type=int, default=512)
     p.add_argument("--threads", type=int, default=2, help="cores / threads for both")
+    p.add_argument(
+        "--remat",
+        action="store_true",
+        help="JAX recomputes each backbone block in the backward (model.backbone.remat)",
+    )
     p.add_argument(
         "--workdir",
         default="",
@@ -107,7 +112,11 @@ def run_jax(size: str, args: argparse.Namespace) -> dict:
     _, _, _, out_indices = SIZES[size]
     cfg = base_config()
     cfg.model.backbone.update(
-        arch=f"vit{size}14", weights="", pos_grid=args.crop // PATCH, out_indices=out_indices
+        arch=f"vit{size}14",
+        weights="",
+        pos_grid=args.crop // PATCH,
+        out_indices=out_indices,
+        remat=args.remat,
     )
     cfg.train.batch_size = args.batch
     cfg.data.crop_size = args.crop
@@ -398,7 +407,7 @@ def main() -> None:
     print(
         f"{platform.machine()}, {args.threads} threads; {'; '.join(versions.values())}; "
         f"batch {args.batch}, {args.crop} px, float32, median of {args.steps} after "
-        f"{args.warmup} warm-up"
+        f"{args.warmup} warm-up; JAX backbone remat: {args.remat}"
     )
     print(
         "| model | steps | JAX s/step | torch s/step | torch / JAX | JAX img/s | torch img/s | "
