@@ -184,6 +184,28 @@ def test_soma_recipe_trains_with_ema(data, tmp_path):
     assert not np.array_equal(qkv_bias(ema), qkv_bias(trained))
 
 
+def test_bfloat16_backbone_and_gradient_accumulation(reference_run, data, tmp_path):
+    """bf16 compute in the backbone with two micro-batches: the first loss stays within bf16
+    rounding of the fp32 run's; bf16 storage keeps adapters, head and optimizer in fp32."""
+    _, ref_dir = reference_run
+    cfg = tiny_config(data, steps=2, grad_accum=2)
+    cfg.model.backbone.dtype = "bfloat16"
+    cfg.mesh.update(data=1, fsdp=1)
+    train(cfg, tmp_path / "compute")
+    got, want = losses(tmp_path / "compute")[1], losses(ref_dir)[1]
+    assert abs(got - want) <= 0.02 * want, (got, want)
+
+    cfg.model.backbone.param_dtype = "bfloat16"
+    run = build_run(cfg, tmp_path / "storage")
+    layer = lambda tree: tree["backbone"]["blocks_0"]["attn"]["qkv"]
+    assert layer(run.frozen)["kernel"].dtype == jnp.bfloat16
+    assert layer(run.trainable)["adapter_main"]["a"].dtype == jnp.float32
+    assert {x.dtype for x in jax.tree.leaves(jax.eval_shape(run.tx.init, run.trainable))} <= {
+        jnp.dtype(jnp.float32),
+        jnp.dtype(jnp.int32),
+    }
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 Adapters = dict[str, tuple[np.ndarray, np.ndarray]]
@@ -23,7 +24,7 @@ def _float32_kernel(kernel: np.ndarray | jax.Array) -> np.ndarray:
     kernel = np.asarray(kernel)
     if kernel.ndim != 2:
         raise ValueError(f"expected a 2-D (in, out) kernel, got shape {kernel.shape}")
-    if not np.issubdtype(kernel.dtype, np.floating):
+    if not jnp.issubdtype(kernel.dtype, jnp.floating):  # numpy's check misses bfloat16
         raise ValueError(f"expected a floating-point kernel, got dtype {kernel.dtype}")
     return kernel.astype(np.float32)
 

@@ -112,7 +112,7 @@ def _cache_key(path: str, kernel: np.ndarray, rule: AttachRule, seed: int) -> st
     digest = hashlib.blake2b(digest_size=20)
     meta = (_CACHE_VERSION, path, rule.method, rule.ranks, rule.alpha, seed, kernel.shape)
     digest.update(repr((*meta, str(kernel.dtype))).encode())
-    digest.update(np.ascontiguousarray(kernel).data)
+    digest.update(np.ascontiguousarray(kernel).tobytes())  # also for bfloat16 kernels
     return digest.hexdigest()
 
 
