@@ -6,7 +6,7 @@ DINOv2 via --config.model.backbone.weights) is frozen and adapted on the flat "s
 styles (Cityscapes layout), beside the frozen-backbone and plain-LoRA baselines.
 """
 
-from recyclelora_jax.config import apply_common_args, base_config, parse_arg
+from recyclelora_jax.config import TINY_MASK2FORMER, apply_common_args, base_config, parse_arg
 
 DATA = "data/synthetic"
 
@@ -65,17 +65,7 @@ def get_config(arg=None):
     )
     if quick:
         c.demo.update(pretrain_steps=2, pretrain_batch=4, pretrain_crop=32)
-        c.model.head = dict(
-            name="mask2former",
-            num_classes=19,
-            num_queries=19,
-            dim=32,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_ffn_dim=32,
-            decoder_ffn_dim=32,
-            loss=dict(num_points=64),
-        )
+        c.model.head = dict(name="mask2former", num_classes=19, **TINY_MASK2FORMER)
         c.train.update(steps=2, batch_size=2, log_every=1, checkpoint_every=2, eval_every=2)
         c.data.crop_size = 32
         c.eval.update(crop_size=32, stride=21)

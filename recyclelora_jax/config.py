@@ -12,6 +12,16 @@ import ast
 import ml_collections
 
 CITYSCAPES_CLASSES = 19
+# A Mask2Former small enough for CPU smoke runs and tests (the matcher needs queries >= 19).
+TINY_MASK2FORMER = dict(
+    num_queries=19,
+    dim=32,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_ffn_dim=32,
+    decoder_ffn_dim=32,
+    loss=dict(num_points=256),
+)
 TARGETS_ALL_LINEAR = r"blocks_\d+/(attn/(qkv|proj)|mlp/(fc1|fc2|w12|w3))"
 
 
@@ -164,14 +174,8 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.backbone.update(
         arch="tiny", weights="", patch_size=8, pos_grid=8, out_indices=(0, 1, 2, 3)
     )
-    c.model.head.update(
-        num_queries=20,
-        dim=64,
-        encoder_layers=1,
-        decoder_layers=2,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=256,
-    )
+    if c.model.head.name == "mask2former":
+        c.model.head.update(TINY_MASK2FORMER)
     first, stop = c.peft.blocks
     # SoMA's 8 frozen blocks of 24 become 1 of the tiny backbone's 4.
     c.peft.update(

@@ -74,7 +74,9 @@ def test_every_method_has_a_complete_plan(method):
 def test_config_files_load_with_their_arguments(name):
     cfg = load_config(name, "seed=3")
     assert cfg.seed == 3
-    assert load_config(name, "smoke").train.steps < 100
+    smoke = load_config(name, "smoke")
+    assert smoke.train.steps < 100
+    group_sizes(smoke)  # the shrunk model builds
     with pytest.raises(ValueError, match="unknown config arguments"):
         load_config(name, "sedd=3")
 
