@@ -19,15 +19,15 @@ import jax
 import ml_collections
 import numpy as np
 
+from recyclelora_jax.build import arch_from_name
 from recyclelora_jax.config import apply_method
 from recyclelora_jax.convert import save_converted
 from recyclelora_jax.data.pipeline import Source, make_train_loader
 from recyclelora_jax.data.synthetic import prepare_synthetic_demo
-from recyclelora_jax.evaluate.metrics import format_table
-from recyclelora_jax.evaluate.suite import PredictionSaver, evaluate_suite
 from recyclelora_jax.models.dinov2 import DinoV2
 from recyclelora_jax.pretrain import pretrain_mim
-from recyclelora_jax.train.loop import Run, train
+from recyclelora_jax.runner import make_evaluator
+from recyclelora_jax.train.loop import train
 
 log = logging.getLogger(__name__)
 READY = "READY"
@@ -54,8 +54,6 @@ def foundation_weights(cfg: ml_collections.ConfigDict, workdir: Path) -> Path:
     file = workdir / "foundation.safetensors"
     if file.exists():
         return file
-    from recyclelora_jax.build import arch_from_name
-
     b, d = cfg.model.backbone, cfg.demo
     arch = arch_from_name(b.arch)
     backbone = DinoV2(arch, out_indices=tuple(b.out_indices))
@@ -75,21 +73,6 @@ def foundation_weights(cfg: ml_collections.ConfigDict, workdir: Path) -> Path:
     save_converted(tmp, backbone, params)
     tmp.replace(file)
     return file
-
-
-def _evaluator(cfg: ml_collections.ConfigDict, png: Path | None):
-    """Evaluation callback for `train`; at the last step it also saves a prediction grid."""
-
-    def evaluate(run: Run, params: dict, step: int) -> dict:
-        final = png is not None and step == cfg.train.steps
-        saver = PredictionSaver(cfg.demo.png_per_dataset) if final else None
-        results = evaluate_suite(run.model, params, run.cfg, on_prediction=saver)
-        log.info("evaluation at step %d:\n%s", step, format_table(results))
-        if saver is not None and saver.save(png):
-            log.info("predictions (image | label | prediction) written to %s", png)
-        return results
-
-    return evaluate
 
 
 def comparison_table(results: dict[str, dict]) -> str:
@@ -116,7 +99,9 @@ def run_demo(cfg: ml_collections.ConfigDict, workdir: Path) -> dict:
         sub = apply_method(ml_collections.ConfigDict(cfg.to_dict()), method)
         png = workdir / "predictions.png" if method == "recyclelora" else None
         log.info("=== %s ===", method)
-        results[method] = train(sub, workdir / method, _evaluator(sub, png))
+        results[method] = train(
+            sub, workdir / method, make_evaluator(sub, png, cfg.demo.png_per_dataset)
+        )
     table = comparison_table(results)
     if jax.process_index() == 0:
         print(f"\nmIoU (%) on held-out source images and unseen target styles:\n{table}")

@@ -4,13 +4,14 @@ evaluation, and the demo's closing comparison."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import ml_collections
 
 from recyclelora_jax.evaluate.metrics import format_table
-from recyclelora_jax.evaluate.suite import evaluate_suite
+from recyclelora_jax.evaluate.suite import PredictionSaver, evaluate_suite
 from recyclelora_jax.train.loop import Run, train
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,23 @@ def init_distributed(
     jax.distributed.initialize(coordinator, num_processes, process_id)
 
 
-def evaluate_run(run: Run, params: dict, step: int) -> dict:
-    results = evaluate_suite(run.model, params, run.cfg)
-    if jax.process_index() == 0:
-        log.info("evaluation at step %d:\n%s", step, format_table(results))
-    return results
+def make_evaluator(
+    cfg: ml_collections.ConfigDict, png: Path | None = None, per_dataset: int = 2
+) -> Callable[[Run, dict, int], dict]:
+    """Evaluation callback for `train`: logs the per-class table; with ``png``, the last
+    evaluation also draws ``per_dataset`` image | label | prediction rows of every dataset."""
+
+    def evaluate(run: Run, params: dict, step: int) -> dict:
+        final = png is not None and step == cfg.train.steps
+        saver = PredictionSaver(per_dataset) if final else None
+        results = evaluate_suite(run.model, params, run.cfg, on_prediction=saver)
+        if jax.process_index() == 0:
+            log.info("evaluation at step %d:\n%s", step, format_table(results))
+            if saver is not None and saver.save(png):
+                log.info("predictions (image | label | prediction) written to %s", png)
+        return results
+
+    return evaluate
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: Path) -> dict:
@@ -58,4 +71,4 @@ def run(cfg: ml_collections.ConfigDict, workdir: Path) -> dict:
         from recyclelora_jax import demo
 
         return demo.run_demo(cfg, workdir)
-    return train(cfg, workdir, evaluate_run if cfg.eval.datasets else None)
+    return train(cfg, workdir, make_evaluator(cfg) if cfg.eval.datasets else None)
