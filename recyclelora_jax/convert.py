@@ -349,10 +349,11 @@ def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 
 def _default_out_indices(depth: int) -> tuple[int, ...]:
-    """SPEC's ViT-L blocks where they exist, else the ends of the four quarters of the depth."""
+    """The reference's ViT-L blocks (7, 11, 15, 23) where they exist, else the last block of each
+    quarter of the depth -- the first block for a quarter shorter than one block (depth < 4)."""
     if max(DEFAULT_OUT_INDICES) < depth:
         return DEFAULT_OUT_INDICES
-    return tuple(depth * (k + 1) // 4 - 1 for k in range(4))
+    return tuple(max(depth * (k + 1) // 4 - 1, 0) for k in range(4))
 
 
 def load_dinov2(
@@ -379,7 +380,7 @@ def load_dinov2(
     ``interpolate_offset=0.0`` for ``transformers.Dinov2Model``'s ``size`` form.
     ``patch_size``/``pos_grid`` apply :func:`resize_patch_and_pos` (16 and 32 for 512 px).
     ``out_indices`` default: blocks 7, 11, 15, 23 if the model is that deep, else the last
-    block of each quarter.
+    block of each quarter (at least block 0).
     """
     path = Path(path)
     if path.is_dir():

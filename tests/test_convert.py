@@ -202,3 +202,19 @@ def test_non_square_position_count_is_rejected(tmp_path):
     safetensors.torch.save_file(tensors, str(path))
     with pytest.raises(ValueError, match="15 patch positions, not a square"):
         load_dinov2(path)
+
+
+def test_shallow_checkpoint_gets_valid_default_blocks(tmp_path):
+    """A 3-block checkpoint: the default blocks are the quarters' ends clipped at block 0, the
+    model runs, and its features are those blocks' outputs in the reference."""
+    ref = reference_model()
+    torch.save(fair_state_dict(ref), tmp_path / "fair.pth")
+    model, params = load_dinov2(tmp_path / "fair.pth")
+    assert model.out_indices == (0, 0, 1, 2)
+    images = np.random.default_rng(0).standard_normal((1, 32, 32, 3)).astype(np.float32)
+    features = model.apply({"params": params}, images)["features"]
+    with torch.no_grad():
+        hidden = ref(torch.from_numpy(images).permute(0, 3, 1, 2), output_hidden_states=True)
+    for i, feat in zip(model.out_indices, features, strict=True):
+        want = hidden.hidden_states[i + 1][:, 1:].numpy().reshape(feat.shape)
+        np.testing.assert_allclose(np.asarray(feat), want, atol=1e-4, rtol=0)

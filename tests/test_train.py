@@ -21,6 +21,7 @@ from train_helpers import REPO, losses, make_data, tiny_config, write_config_fil
 
 from recyclelora_jax import build
 from recyclelora_jax.config import base_config
+from recyclelora_jax.data import pipeline
 from recyclelora_jax.evaluate.suite import PredictionSaver, evaluate_suite
 from recyclelora_jax.export import load_export, load_trained, merge_segmentor, save_export
 from recyclelora_jax.train import loop, optim
@@ -260,3 +261,20 @@ def test_config_schedules_follow_the_reference_formulas():
             want_wd = 1e-5 + (start - 1e-5) * (1 + math.cos(math.pi * step / 40_000)) / 2
             got_wd = float(optim.cosine_wd(o, start)(step))
             assert math.isclose(got_wd, want_wd, rel_tol=1e-5, abs_tol=1e-12), (step, start)
+
+
+def test_subset_zero_means_every_image_for_gtav_too(data, tmp_path, monkeypatch, caplog):
+    """The sources ``train()`` hands the loader: GTAV with subset 0 draws all 16 records and
+    warns nothing (it used to become the 12,403-image default and warn on every load)."""
+    seen = []
+
+    def capture(sources, **_):
+        seen.extend(sources)
+        raise StopIteration
+
+    monkeypatch.setattr(loop, "make_train_loader", capture)
+    with pytest.raises(StopIteration):
+        train(tiny_config(data), tmp_path)
+    source = pipeline.MixedSource(seen, seed=0)
+    assert len(source) == 16
+    assert "fewer than the subset" not in caplog.text

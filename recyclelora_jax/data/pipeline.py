@@ -23,17 +23,17 @@ import tensorflow_datasets as tfds
 from recyclelora_jax.data import codecs, transforms
 
 log = logging.getLogger(__name__)
-GTAV_SUBSET = 12_403
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """A dataset split; `subset`: how many records to draw (None: GTAV 12,403, others all)."""
+    """A dataset split; `subset`: how many records to draw at random (0: all of them; the
+    configs state GTAV's 12,403 themselves)."""
 
     builder: str
     split: str
     data_dir: str
-    subset: int | None = None
+    subset: int = 0
 
 
 class MixedSource(grain.RandomAccessDataSource):
@@ -49,9 +49,7 @@ class MixedSource(grain.RandomAccessDataSource):
         parts = []
         for k, (source, n) in enumerate(zip(self.sources, self._lengths(), strict=True)):
             size = source.subset
-            if size is None and source.builder.split("/")[0] == "dg_gtav":
-                size = GTAV_SUBSET
-            if size is not None and size > n:
+            if size > n:
                 log.warning(
                     "%s has %d records, fewer than the subset %d: using all", source, n, size
                 )

@@ -187,7 +187,7 @@ def train(
     # A copy: the step donates (and so deletes) the trainable buffers.
     ema = jax.tree.map(jnp.copy, run.trainable) if cfg.optim.ema_momentum else None
     loader = make_train_loader(
-        [Source(b, s, _data_dir(cfg, d), n or None) for b, s, n, d in _sources(cfg)],
+        [Source(b, s, _data_dir(cfg, d), n) for b, s, n, d in _sources(cfg)],
         batch_size=local_batch,
         crop_size=(cfg.data.crop_size, cfg.data.crop_size),
         seed=cfg.seed,
