@@ -1,7 +1,9 @@
 """The mmseg training augmentation of SPEC §6, checked against its definition."""
 
+import cv2
 import numpy as np
 import pytest
+import scipy.stats
 
 from recyclelora_jax.data import transforms
 
@@ -20,7 +22,11 @@ def test_scales_and_normalisation_constants():
     ("hw", "short", "want"),
     [((1052, 1914), 512, (512, 932)), ((1052, 1914), 1024, (1024, 1863)),
      ((1024, 2048), 1024, (1024, 2048)), ((500, 3000), 1024, (341, 2048)),
-     ((1914, 1052), 307, (559, 307))],
+     ((1914, 1052), 307, (559, 307)),
+     ((1000, 1999), 512, (512, 1023)),  # 1023.488: rounds down
+     ((999, 1999), 512, (512, 1025)),  # 1024.51: rounds up, not truncated
+     ((700, 3000), 1024, (478, 2048)),  # capped: 477.87 rounds up
+     ((3, 7), 256, (256, 597))],  # 597.33
 )  # fmt: skip
 def test_shortest_edge_size(hw, short, want):
     assert transforms.shortest_edge_size(*hw, short) == want
@@ -98,6 +104,84 @@ def test_photometric_never_touches_labels(monkeypatch):
     without = transforms.train_augment(image, label, np.random.default_rng(5), (64, 64))
     np.testing.assert_array_equal(with_pm[1], without[1])
     assert not np.array_equal(with_pm[0], without[0])
+
+
+def _mmseg_photometric(pixel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """mmseg's `PhotoMetricDistortion` on one RGB pixel, written from its definition: brightness
+    (p 0.5, delta U(-32, 32)), a coin for contrast first or last (p 0.5, alpha U(0.5, 1.5)),
+    saturation (p 0.5, alpha U(0.5, 1.5)), hue (p 0.5, integer delta in [-18, 18) on 0..179);
+    each step clips to 0..255 and truncates to uint8."""
+
+    def affine(x, alpha=1.0, beta=0.0):
+        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    def hsv_step(img, channel, fn):
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hsv[..., channel] = fn(hsv[..., channel])
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+    img = pixel
+    brightness, contrast_first = rng.random() < 0.5, rng.random() < 0.5
+    contrast, saturation, hue = rng.random(3) < 0.5
+    if brightness:
+        img = affine(img, beta=rng.uniform(-32, 32))
+    if contrast and contrast_first:
+        img = affine(img, alpha=rng.uniform(0.5, 1.5))
+    if saturation:
+        img = hsv_step(img, 1, lambda s: affine(s, alpha=rng.uniform(0.5, 1.5)))
+    if hue:
+        delta = int(np.floor(rng.uniform(-18, 18)))
+        img = hsv_step(img, 0, lambda h: (h.astype(int) + delta) % 180)
+    if contrast and not contrast_first:
+        img = affine(img, alpha=rng.uniform(0.5, 1.5))
+    return img
+
+
+@pytest.mark.parametrize("rgb", [(128, 128, 128), (200, 0, 0), (60, 150, 90), (250, 240, 20)])
+def test_photometric_distribution_matches_mmseg_definition(rgb):
+    """Per channel, the outputs over 3000 seeds and 3000 independent draws of the definition
+    come from one distribution (two-sample KS, p > 1e-4): ranges, probabilities and order."""
+    pixel = np.array([[rgb]], np.uint8)
+    n = 3000
+    ours = np.stack(
+        [transforms.photometric_distortion(pixel, np.random.default_rng(s)) for s in range(n)]
+    )
+    ref_rng = np.random.default_rng(12345)
+    want = np.stack([_mmseg_photometric(pixel, ref_rng) for _ in range(n)])
+    for c in range(3):
+        result = scipy.stats.ks_2samp(ours[..., c].ravel(), want[..., c].ravel())
+        assert result.pvalue > 1e-4, (rgb, c, result)
+    unchanged = (ours == pixel).all(axis=(1, 2, 3)).mean()
+    assert unchanged == pytest.approx((want == pixel).all(axis=(1, 2, 3)).mean(), abs=0.04)
+
+
+def test_photometric_brightness_contrast_extremes_on_grey():
+    """Grey 128 (saturation and hue leave it): brightness then contrast spans at most
+    (128 - 32) * 0.5 .. (128 + 32) * 1.5, contrast then brightness 128 * 0.5 - 32 .. 128 * 1.5
+    + 32."""
+    grey = np.full((1, 1, 3), 128, np.uint8)
+    out = np.array([transforms.photometric_distortion(grey, np.random.default_rng(s))[0, 0, 0]
+                    for s in range(4000)])  # fmt: skip
+    assert out.min() >= 32 and out.max() <= 240
+    assert out.min() <= 55 and out.max() >= 225  # the extremes are reached
+    brightness_only = out[(np.abs(out.astype(int) - 128) <= 32)]
+    assert len(brightness_only) > 0.4 * len(out)
+
+
+def test_photometric_hue_shift_range():
+    """On a saturated red (hue 0) every step but hue keeps the hue, so the output hue is the
+    drawn shift: an integer in [-18, 17], drawn with p 0.5 (a few pixels whose saturation was
+    halved carry ±3 of 8-bit rounding)."""
+    red = np.array([[[200, 0, 0]]], np.uint8)
+    shifts = []
+    for seed in range(3000):
+        out = transforms.photometric_distortion(red, np.random.default_rng(seed))
+        hue = int(cv2.cvtColor(out, cv2.COLOR_RGB2HSV)[0, 0, 0])
+        shifts.append((hue + 90) % 180 - 90)
+    shifts = np.array(shifts)
+    assert np.mean((shifts < -18) | (shifts > 17)) < 0.005 and np.abs(shifts).max() <= 22
+    assert np.mean(shifts <= -17) > 0.01 and np.mean(shifts >= 16) > 0.01
+    assert np.mean(np.abs(shifts) <= 1) == pytest.approx(0.5 + 0.5 * 3 / 36, abs=0.05)
 
 
 def test_photometric_distortion_ranges_and_hue_semantics():

@@ -16,7 +16,12 @@ from recyclelora_jax.data.synthetic import prepare_synthetic_demo
      ((720, 1280), (1280, 720), (720, 1280)),  # BDD100K: unchanged
      ((1512, 2016), (2048, 1024), (1024, 1365)),  # Mapillary 4032x3024 after halving
      ((1080, 1920), (2048, 1024), (1024, 1820)),  # ACDC
-     ((600, 800), (1280, 720), (720, 960))],
+     ((600, 800), (1280, 720), (720, 960)),
+     ((1000, 1999), (2048, 1024), (1024, 2047)),  # 2046.976: rounds up, not truncated
+     ((7, 9), (2048, 1024), (1024, 1317)),  # 1316.57
+     ((1600, 900), (1280, 720), (1280, 720)),  # portrait: the long side fits 1280
+     ((1601, 900), (1280, 720), (1280, 720)),  # 719.55 rounds up to 720
+     ((900, 1601), (1280, 720), (720, 1280))],  # 719.55 rounds up
 )  # fmt: skip
 def test_keep_ratio_size_matches_mmcv_rescale_size(hw, scale, want):
     assert transforms.keep_ratio_size(*hw, scale) == want

@@ -6,8 +6,6 @@ magnitude ~1 after 3 random blocks.
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,13 +123,29 @@ def test_remat_and_bfloat16_compute(tmp_path):
     assert float(jnp.abs(low.astype(jnp.float32) - base).mean()) < 0.05
 
 
+def test_bfloat16_attention_is_float32_softmax():
+    """bf16 q, k, v at 1024 tokens with peaked logits (std ~9) against float64 softmax attention
+    of the same bf16 values: relative error 0.3 % with float32 logits and softmax statistics;
+    logits or the normaliser in bf16 give 1.5 % (measured), so the bound is 0.6 %."""
+    rng = np.random.default_rng(0)
+    q, k = (jnp.asarray(3 * rng.standard_normal((1, 2, 1024, 32)), jnp.bfloat16) for _ in "qk")
+    v = jnp.asarray(rng.standard_normal((1, 2, 1024, 32)), jnp.bfloat16)
+    q64, k64, v64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v))
+    logits = q64 @ k64.swapaxes(-1, -2) / np.sqrt(32)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    want = (weights / weights.sum(-1, keepdims=True)) @ v64
+    got = jax.jit(attention)(q, k, v)
+    assert got.dtype == jnp.bfloat16
+    got = np.asarray(got.astype(jnp.float32), np.float64)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 6e-3
+
+
 def test_vit_l_tree_without_allocation_matches_transformers_count():
     arch = ARCHS["vitl14"]
-    start = time.process_time()  # CPU time: robust to other jobs on a shared machine
     tree = jax.eval_shape(
         DinoV2(arch).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 518, 518, 3), jnp.float32)
     )["params"]
-    elapsed = time.process_time() - start
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))  # no arrays
     ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
     config = transformers.Dinov2Config(
         hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=518
@@ -139,7 +153,6 @@ def test_vit_l_tree_without_allocation_matches_transformers_count():
     with torch.device("meta"):
         theirs = sum(p.numel() for p in transformers.Dinov2Model(config).parameters())
     assert ours == theirs
-    assert elapsed < 1.0, f"eval_shape of ViT-L took {elapsed:.2f}s"
 
 
 def test_adapter_hook_places_adapters_and_rejects_unknown_layers():

@@ -92,6 +92,17 @@ def test_svd_inits_match_torch_formula(method, minor):
     np.testing.assert_allclose(scale * (a @ b), update.T, atol=1e-5)
     np.testing.assert_allclose(residual, kernel - update.T, atol=1e-5)
     np.testing.assert_allclose(residual + scale * (a @ b), kernel, atol=1e-5)
+    # Factor by factor: sqrt(S_r / s) on each side, singular vectors orthonormal. A split that
+    # leaves s * a @ b unchanged (all of S in one factor) fails here.
+    want_sv = sv[idx].numpy()
+    np.testing.assert_allclose(np.linalg.norm(a, axis=0), np.sqrt(want_sv / s), rtol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), np.sqrt(want_sv / s), rtol=1e-4)
+    unit_a, unit_b = a / np.linalg.norm(a, axis=0), b / np.linalg.norm(b, axis=1)[:, None]
+    np.testing.assert_allclose(unit_a.T @ unit_a, np.eye(r), atol=1e-5)
+    np.testing.assert_allclose(unit_b @ unit_b.T, np.eye(r), atol=1e-5)
+    # The directions are the chosen singular vectors (up to sign): a = ±Vh_r.T, b = ±U_r.T.
+    np.testing.assert_allclose(np.abs(unit_a.T @ vh[idx].numpy().T), np.eye(r), atol=1e-4)
+    np.testing.assert_allclose(np.abs(unit_b @ u[:, idx].numpy()), np.eye(r), atol=1e-4)
 
 
 def test_lora_is_kaiming_uniform_with_zero_b_and_seeded():

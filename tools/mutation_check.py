@@ -1,0 +1,210 @@
+"""Plants one-line bugs in a copy of the repository and checks that the tests concerned catch them.
+
+Each mutation names the claim of docs/DESIGN.md it breaks, the file, the exact original line
+(stripped of indentation; it must occur exactly once, so a refactor that moves or rewrites it
+fails loudly instead of silently testing nothing) and its replacement, plus the tests that concern
+it. A mutation is *caught* when those tests fail. Run from the repository root:
+
+    python tools/mutation_check.py            # every mutation
+    python tools/mutation_check.py -k hue     # the ones whose name contains "hue"
+    python tools/mutation_check.py --list
+
+Exit status 0 only if every selected mutation is caught and the unmutated copy passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    claim: str
+    file: str
+    original: str
+    replacement: str
+    tests: tuple[str, ...]
+
+
+MUTATIONS = (
+    Mutation(
+        "photometric-brightness-120",
+        "training augmentation is mmseg's PhotoMetricDistortion (brightness ±32)",
+        "recyclelora_jax/data/transforms.py",
+        "img = _convert(img, beta=rng.uniform(-32, 32))",
+        "img = _convert(img, beta=rng.uniform(-120, 120))",
+        ("tests/test_data_augment.py",),
+    ),
+    Mutation(
+        "photometric-hue-90",
+        "training augmentation is mmseg's PhotoMetricDistortion (hue an integer in [-18, 18))",
+        "recyclelora_jax/data/transforms.py",
+        "hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + int(rng.integers(-18, 18))) % 180",
+        "hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + int(rng.integers(-90, 90))) % 180",
+        ("tests/test_data_augment.py",),
+    ),
+    Mutation(
+        "photometric-contrast-always-first",
+        "photometric order: contrast before or after saturation/hue by a fair coin",
+        "recyclelora_jax/data/transforms.py",
+        "if not contrast_first and rng.integers(2):",
+        "if False:",
+        ("tests/test_data_augment.py",),
+    ),
+    Mutation(
+        "test-resize-truncates",
+        "evaluation resize is mmcv's keep-ratio rescale (rounded, not truncated)",
+        "recyclelora_jax/data/transforms.py",
+        "return int(h * factor + 0.5), int(w * factor + 0.5)",
+        "return int(h * factor), int(w * factor)",
+        ("tests/test_data_eval.py",),
+    ),
+    Mutation(
+        "train-resize-truncates",
+        "train resize is mmseg's shortest-edge resize (rounded)",
+        "recyclelora_jax/data/transforms.py",
+        "return int(new_h + 0.5), int(new_w + 0.5)",
+        "return int(new_h), int(new_w)",
+        ("tests/test_data_augment.py",),
+    ),
+    Mutation(
+        "attention-softmax-bf16",
+        "attention logits and softmax statistics in float32 whatever the compute dtype",
+        "recyclelora_jax/models/dinov2.py",
+        "logits = ((q * q.shape[-1] ** -0.5) @ k.swapaxes(-1, -2)).astype(jnp.float32)",
+        "logits = (q * q.shape[-1] ** -0.5) @ k.swapaxes(-1, -2)",
+        ("tests/test_dinov2.py::test_bfloat16_attention_is_float32_softmax",),
+    ),
+    Mutation(
+        "svd-init-unbalanced",
+        "PiSSA/MiLoRA/SoMA split sqrt(S) evenly between A and B",
+        "recyclelora_jax/peft/init.py",
+        "a = np.ascontiguousarray((root[:, None] * vh[idx]).T)",
+        "a = np.ascontiguousarray((root[:, None] ** 2 * vh[idx]).T); root = np.ones_like(root)",
+        ("tests/test_peft_init.py",),
+    ),
+    Mutation(
+        "synthia-wall-unmapped",
+        "SYNTHIA maps its 16 Cityscapes classes (wall is SYNTHIA id 21)",
+        "recyclelora_jax/data/labels.py",
+        "3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10, 10: 11, 17: 12, 8: 13, "
+        "19: 15,",
+        "3: 0, 4: 1, 2: 2, 22: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10, 10: 11, 17: 12, 8: 13, "
+        "19: 15,",
+        ("tests/test_data_labels.py",),
+    ),
+)
+
+
+def _copy_repo(dest: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in files:
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def _mutated(root: Path, m: Mutation) -> str:
+    """The text of `m.file` under `root` with the mutation applied (indentation kept)."""
+    path = root / m.file
+    if not path.is_file():
+        raise SystemExit(f"{m.name}: file not found: {m.file}")
+    lines = path.read_text().split("\n")
+    hits = [i for i, line in enumerate(lines) if line.strip() == m.original.strip()]
+    if len(hits) != 1:
+        raise SystemExit(f"{m.name}: pattern found {len(hits)} times in {m.file}: {m.original!r}")
+    line = lines[hits[0]]
+    lines[hits[0]] = line[: len(line) - len(line.lstrip())] + m.replacement.strip()
+    return "\n".join(lines)
+
+
+def _pytest(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int | None, str]:
+    """Runs pytest -x on `tests` in `root`; kills the whole process group on timeout."""
+    env = dict(os.environ, PYTHONPATH=str(root), PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return None, out
+    return proc.returncode, out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-k", default="", help="only mutations whose name contains this")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per pytest run")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    args = parser.parse_args()
+    selected = [m for m in MUTATIONS if args.k in m.name]
+    if args.list:
+        for m in selected:
+            print(f"{m.name:36} {m.file}: {m.claim}")
+        return 0
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="mutation_") as tmp:
+        clean = Path(tmp) / "clean"
+        _copy_repo(clean)
+        mutated = {m.name: _mutated(clean, m) for m in selected}  # all patterns before any run
+        if not args.no_baseline:
+            tests = tuple(dict.fromkeys(t for m in selected for t in m.tests))
+            rc, out = _pytest(clean, tests, args.timeout * 2)
+            if rc != 0:
+                print(out[-3000:])
+                print(f"baseline: the unmutated tests do not pass (rc {rc})")
+                return 1
+            print(f"baseline: {len(tests)} test targets pass unmutated")
+        for m in selected:
+            work = Path(tmp) / m.name
+            shutil.copytree(clean, work)
+            (work / m.file).write_text(mutated[m.name])
+            start = time.monotonic()
+            rc, out = _pytest(work, m.tests, args.timeout)
+            took = time.monotonic() - start
+            if rc is None:
+                verdict = "caught (timeout)"
+            elif rc == 1:
+                verdict = "caught"
+            elif rc == 0:
+                verdict, failures = "SURVIVED", failures + 1
+            else:  # 2-5: interrupted, internal or usage error, no tests collected
+                verdict, failures = f"ERROR (pytest rc {rc})", failures + 1
+                print(out[-2000:])
+            print(f"{verdict:18} {m.name:36} {took:6.1f} s  {m.claim}", flush=True)
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"{len(selected) - failures}/{len(selected)} mutations caught")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
