@@ -200,7 +200,10 @@ def main() -> int:
             else:  # 2-5: interrupted, internal or usage error, no tests collected
                 verdict, failures = f"ERROR (pytest rc {rc})", failures + 1
                 print(out[-2000:])
+            failed = [line.split()[1] for line in out.splitlines() if line.startswith("FAILED ")]
             print(f"{verdict:18} {m.name:36} {took:6.1f} s  {m.claim}", flush=True)
+            if failed:
+                print(f"{'':18} by {failed[0]}")
             shutil.rmtree(work, ignore_errors=True)
     print(f"{len(selected) - failures}/{len(selected)} mutations caught")
     return 1 if failures else 0
