@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from recyclelora_jax.data import codecs, labels, layouts
-from recyclelora_jax.data.convert import ConvertTask, Pair, convert_all
+from recyclelora_jax.data.convert import ConvertTask, Pair, convert_all, fill_cache
 
 
 class DgBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -53,9 +53,20 @@ class DgBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         name = self.info.full_name.replace("/", "__")
         return Path(self._data_dir_root) / "dg_prepare_cache" / name
 
-    def download_and_prepare(self, *args, **kwargs):
-        """TFDS writes into a temporary folder renamed at the end; then the cache is dropped."""
-        super().download_and_prepare(*args, **kwargs)
+    def download_and_prepare(self, *args, download_config=None, **kwargs):
+        """Converts every split into the cache, then TFDS writes the dataset from it into a
+        temporary `incomplete.*` folder renamed at the end; then the cache is dropped. A prepare
+        killed while converting (nearly all of its time) so leaves no `incomplete.*` folder, and
+        those of one killed while writing are removed by the next (one prepare per dataset at a
+        time)."""
+        manual_dir = getattr(download_config, "manual_dir", None)
+        if manual_dir and Path(manual_dir).is_dir() and not self.data_path.exists():
+            data_path = Path(self.data_path)
+            for stale in data_path.parent.glob(f"incomplete.*_{data_path.name}"):
+                shutil.rmtree(stale)
+            for folder in self.SPLITS.values():
+                fill_cache(*self._conversion(Path(manual_dir), folder), **self._convert_options)
+        super().download_and_prepare(*args, download_config=download_config, **kwargs)
         shutil.rmtree(self.cache_dir, ignore_errors=True)
 
     def _split_generators(self, dl_manager):
@@ -64,14 +75,15 @@ class DgBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             split: self._generate_examples(root, folder) for split, folder in self.SPLITS.items()
         }
 
+    def _conversion(self, root: Path, split: str) -> tuple[list[Pair], ConvertTask, Path]:
+        return self.pairs(root, split), self.task(root, split), self.cache_dir / split
+
+    @property
+    def _convert_options(self) -> dict:
+        return {"num_workers": self.num_workers, "skip_invalid": self.skip_invalid}
+
     def _generate_examples(self, root: Path, split: str):
-        examples = convert_all(
-            self.pairs(root, split),
-            self.task(root, split),
-            self.cache_dir / split,
-            num_workers=self.num_workers,
-            skip_invalid=self.skip_invalid,
-        )
+        examples = convert_all(*self._conversion(root, split), **self._convert_options)
         for example in examples:
             yield example["file_name"], example
 

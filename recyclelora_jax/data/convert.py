@@ -1,7 +1,9 @@
 """Turns (image file, label file) pairs into stored examples: validated, mapped, PNG-encoded.
 
 The work is split into chunks converted in parallel; each finished chunk is written atomically to
-a cache folder, so an interrupted `prepare` resumes where it stopped instead of redoing it.
+a cache folder, so an interrupted `prepare` resumes where it stopped instead of redoing it. A
+chunk is plain arrays and JSON in an `.npz` read with `allow_pickle=False`: whoever can write into
+a shared data folder can spoil a cached chunk (it is then converted again) but not run code.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
-import pickle
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -71,7 +74,7 @@ def convert_pair(pair: Pair, task: ConvertTask) -> dict:
 
 
 def _convert_chunk(pairs: Sequence[Pair], task: ConvertTask, skip_invalid: bool, out: Path) -> int:
-    """Converts a chunk into the pickle `out` (written atomically); returns the number skipped."""
+    """Converts a chunk into `out` (written atomically); returns the number skipped."""
     examples, skipped = [], []
     for pair in pairs:
         try:
@@ -80,10 +83,43 @@ def _convert_chunk(pairs: Sequence[Pair], task: ConvertTask, skip_invalid: bool,
             if not skip_invalid:
                 raise ValueError(f"{err} (use --skip_invalid to skip bad files)") from err
             skipped.append(str(err))
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    tmp.write_bytes(pickle.dumps({"examples": examples, "skipped": skipped}))
-    os.replace(tmp, out)
+    _write_chunk(out, examples, skipped)
     return len(skipped)
+
+
+def _write_chunk(out: Path, examples: list[dict], skipped: list[str]) -> None:
+    """Encoded images and labels as two byte buffers with end offsets, names as JSON."""
+    arrays = {}
+    for key in ("image", "label"):
+        blobs = [e[key] for e in examples]
+        arrays[f"{key}_bytes"] = np.frombuffer(b"".join(blobs), np.uint8)
+        arrays[f"{key}_ends"] = np.cumsum([len(b) for b in blobs], dtype=np.int64)
+    text = json.dumps({"file_names": [e["file_name"] for e in examples], "skipped": skipped})
+    arrays["json"] = np.frombuffer(text.encode(), np.uint8)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, out)
+
+
+def _read_chunk(path: Path) -> dict | None:
+    """A chunk written by `_write_chunk`, or None if it is missing or not one (never unpickled)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            info = json.loads(z["json"].tobytes())
+            names, skipped = info["file_names"], info["skipped"]
+            columns = {}
+            for key in ("image", "label"):
+                data, ends = z[f"{key}_bytes"].tobytes(), z[f"{key}_ends"].tolist()
+                if len(ends) != len(names) or (ends and ends[-1] != len(data)):
+                    return None
+                columns[key] = [data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+        return None
+    examples = [
+        {"image": i, "label": lab, "file_name": n}
+        for i, lab, n in zip(columns["image"], columns["label"], names, strict=True)
+    ]
+    return {"examples": examples, "skipped": [str(r) for r in skipped]}
 
 
 def _chunk_key(pairs: Sequence[Pair], task: ConvertTask) -> str:
@@ -96,7 +132,7 @@ def _chunk_key(pairs: Sequence[Pair], task: ConvertTask) -> str:
     return h.hexdigest()[:16]
 
 
-def convert_all(
+def fill_cache(
     pairs: Sequence[Pair],
     task: ConvertTask,
     cache_dir: Path,
@@ -104,12 +140,12 @@ def convert_all(
     num_workers: int = 1,
     skip_invalid: bool = False,
     chunk_size: int | None = None,
-) -> Iterator[dict]:
-    """Converts `pairs` (reusing cached chunks), then yields the examples in order."""
+) -> list[tuple[Sequence[Pair], Path]]:
+    """Converts the chunks of `pairs` not cached yet; returns every (chunk, cache file)."""
     chunk_size = chunk_size or CHUNK_SIZE
     cache_dir.mkdir(parents=True, exist_ok=True)
     chunks = [pairs[i : i + chunk_size] for i in range(0, len(pairs), chunk_size)]
-    paths = [cache_dir / f"chunk{i:06d}-{_chunk_key(c, task)}.pkl" for i, c in enumerate(chunks)]
+    paths = [cache_dir / f"chunk{i:06d}-{_chunk_key(c, task)}.npz" for i, c in enumerate(chunks)]
     todo = [i for i, p in enumerate(paths) if not p.exists()]
     if len(todo) < len(chunks):
         log.info(
@@ -131,9 +167,34 @@ def convert_all(
                 future.result()
                 bar.update(len(chunks[futures[future]]))
     bar.close()
+    return list(zip(chunks, paths, strict=True))
+
+
+def convert_all(
+    pairs: Sequence[Pair],
+    task: ConvertTask,
+    cache_dir: Path,
+    *,
+    num_workers: int = 1,
+    skip_invalid: bool = False,
+    chunk_size: int | None = None,
+) -> Iterator[dict]:
+    """Converts `pairs` (reusing cached chunks), then yields the examples in order."""
+    cached = fill_cache(
+        pairs,
+        task,
+        cache_dir,
+        num_workers=num_workers,
+        skip_invalid=skip_invalid,
+        chunk_size=chunk_size,
+    )
     skipped = 0
-    for path in paths:
-        data = pickle.loads(path.read_bytes())
+    for chunk, path in cached:
+        data = _read_chunk(path)
+        if data is None:  # spoilt since it was written (or planted): convert it again
+            log.warning("cached chunk %s is unreadable; converting it again", path)
+            _convert_chunk(chunk, task, skip_invalid, path)
+            data = _read_chunk(path)
         for reason in data["skipped"]:
             log.warning("skipped: %s", reason)
         skipped += len(data["skipped"])
