@@ -88,34 +88,29 @@ def _damage_crc(data: bytes) -> bytes:
     return bytes(damaged)
 
 
-def _drop_storage(data: bytes) -> bytes:
+def _rewrite(data: bytes, edit) -> bytes:
+    """The archive with each entry replaced by ``edit(name, body)`` (None drops it)."""
     out = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
         for info in src.infolist():
-            if "/data/" not in info.filename:
-                dst.writestr(info, src.read(info))
+            body = edit(info.filename, src.read(info))
+            if body is not None:
+                dst.writestr(info, body)
     return out.getvalue()
+
+
+def _drop_storage(data: bytes) -> bytes:
+    return _rewrite(data, lambda name, body: None if "/data/" in name else body)
 
 
 def _bad_pickle(data: bytes) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
-        for info in src.infolist():
-            body = src.read(info)
-            dst.writestr(info, body[: len(body) // 2] if info.filename.endswith(".pkl") else body)
-    return out.getvalue()
+    return _rewrite(data, lambda name, body: body[: len(body) // 2] if ".pkl" in name else body)
 
 
 def _global_call(data: bytes) -> bytes:
     """A pickle naming os.system: refused by name, never called."""
-    out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
-        for info in src.infolist():
-            body = src.read(info)
-            dst.writestr(
-                info, b"cos\nsystem\n(S'touch pwned'\ntR." if ".pkl" in info.filename else body
-            )
-    return out.getvalue()
+    hostile = b"cos\nsystem\n(S'touch pwned'\ntR."
+    return _rewrite(data, lambda name, body: hostile if ".pkl" in name else body)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import os
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -171,23 +172,12 @@ def fill_cache(
 
 
 def convert_all(
-    pairs: Sequence[Pair],
-    task: ConvertTask,
-    cache_dir: Path,
-    *,
-    num_workers: int = 1,
-    skip_invalid: bool = False,
-    chunk_size: int | None = None,
+    pairs: Sequence[Pair], task: ConvertTask, cache_dir: Path, **options: Any
 ) -> Iterator[dict]:
-    """Converts `pairs` (reusing cached chunks), then yields the examples in order."""
-    cached = fill_cache(
-        pairs,
-        task,
-        cache_dir,
-        num_workers=num_workers,
-        skip_invalid=skip_invalid,
-        chunk_size=chunk_size,
-    )
+    """Converts `pairs` (reusing cached chunks; `options` as `fill_cache`'s), then yields the
+    examples in order."""
+    skip_invalid = options.get("skip_invalid", False)
+    cached = fill_cache(pairs, task, cache_dir, **options)
     skipped = 0
     for chunk, path in cached:
         data = _read_chunk(path)
