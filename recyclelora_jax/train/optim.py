@@ -50,8 +50,10 @@ class OptimConfig:
 
 
 # Label rules: (regex searched in the path, group name or FROZEN).
+# The official constructor's custom keys: only the decoder's query_embed and level_embed (and
+# norms) skip weight decay; query_feat and the pixel decoder's level embedding match no key.
 _HEAD_RULES = (
-    (r"^head/.*(query_feat|query_embed|level_embed)", "head_no_decay"),
+    (r"^head/transformer_decoder/(query_embed|level_embed)$", "head_no_decay"),
     (r"^head/.*norm", "head_no_decay"),
     (r"^head/", "head"),
 )
