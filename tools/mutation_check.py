@@ -105,6 +105,55 @@ MUTATIONS = (
         "19: 15,",
         ("tests/test_data_labels.py",),
     ),
+    Mutation(
+        "grad-accum-first-micro-batch",
+        "gradient accumulation averages the gradients of all micro-batches",
+        "recyclelora_jax/train/loop.py",
+        "total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), *micro))",
+        "total = jax.tree.map(lambda x: accum * x, grad_fn(trainable, frozen, micro[0][0], "
+        "micro[1][0], rng))",
+        ("tests/test_train.py::test_gradient_accumulation_equals_the_full_batch",),
+    ),
+    Mutation(
+        "resumed-log-keeps-killed-rows",
+        "a resumed run's metrics.jsonl reads as one uninterrupted run",
+        "recyclelora_jax/train/metrics_log.py",
+        'kept = [r for r in rows if json.loads(r)["step"] <= resume_step]',
+        "kept = rows",
+        ("tests/test_train.py::test_resumed_metrics_log_equals_the_uninterrupted_one",),
+    ),
+    Mutation(
+        "nan-step-reaches-state",
+        "a non-finite loss never reaches the parameters or the optimizer state",
+        "recyclelora_jax/train/loop.py",
+        "finite = jnp.isfinite(loss)",
+        "finite = True",
+        ("tests/test_train.py::test_non_finite_loss_after_step_1_keeps_the_good_state",),
+    ),
+    Mutation(
+        "sub-group-main-lr",
+        "the sub adapter trains at lr ×0.5 (SPEC recipe), weight decay 0",
+        "recyclelora_jax/build.py",
+        'ParamGroup("sub", optim_cfg["sub_lr_mult"], False),',
+        'ParamGroup("sub", optim_cfg["main_lr_mult"], False),',
+        ("tests/test_optim.py::test_train_groups_of_every_method_follow_the_recipe",),
+    ),
+    Mutation(
+        "head-norms-decayed",
+        "head norms have no weight decay",
+        "recyclelora_jax/train/optim.py",
+        '(r"^head/.*norm", "head_no_decay"),',
+        '(r"^head/.*norm_", "head_no_decay"),',
+        ("tests/test_optim.py::test_train_groups_of_every_method_follow_the_recipe",),
+    ),
+    Mutation(
+        "swapped-is-recyclelora",
+        "the swapped ablation takes main from the major RRQR directions",
+        "recyclelora_jax/peft/init.py",
+        'lambda k, ranks, alpha, seed: recyclelora_swapped(k, ranks["main"], ranks["sub"], alpha),',
+        'lambda k, ranks, alpha, seed: recyclelora(k, ranks["main"], ranks["sub"], alpha),',
+        ("tests/test_optim.py::test_ablation_plans_take_their_directions",),
+    ),
 )
 
 
@@ -169,6 +218,7 @@ def main() -> int:
     selected = [m for m in MUTATIONS if args.k in m.name]
     if args.list:
         for m in selected:
+            _mutated(REPO, m)  # fails loudly on a pattern that moved
             print(f"{m.name:36} {m.file}: {m.claim}")
         return 0
     failures = 0
