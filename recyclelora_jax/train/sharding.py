@@ -8,6 +8,7 @@ so the frozen 300 M-parameter backbone is not replicated on every device.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -17,10 +18,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
     """A ``(data, fsdp)`` mesh; ``data=-1`` takes every device ``fsdp`` leaves. A single process
-    may use fewer devices than it has (e.g. one device of eight, for comparisons)."""
-    n = jax.device_count()
+    may use fewer devices than it has (e.g. one device of eight, for comparisons). ``devices``
+    defaults to ``jax.devices()`` (the preflight passes a TPU topology's devices)."""
+    devices = jax.devices() if devices is None else list(devices)
+    n = len(devices)
     if fsdp < 1 or n % fsdp:
         raise ValueError(f"mesh.fsdp={fsdp} must divide the {n} devices")
     if data == -1:
@@ -30,7 +33,7 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} does not fit the {n} devices")
     auto = jax.sharding.AxisType.Auto
     return jax.make_mesh(
-        (data, fsdp), BATCH_AXES, axis_types=(auto, auto), devices=jax.devices()[:size]
+        (data, fsdp), BATCH_AXES, axis_types=(auto, auto), devices=devices[:size]
     )
 
 

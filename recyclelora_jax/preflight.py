@@ -1,0 +1,395 @@
+"""Compile the training step for a TPU topology (or the local devices) and report its cost.
+
+``python -m recyclelora_jax.preflight --config configs/g2cbm.py --topology v5p:2x2x1``
+
+The step is the one ``train.py`` runs (``train.loop.make_step_fn``), lowered with abstract
+arguments (shapes, dtypes and shardings; nothing is allocated, no weights are read, no adapter is
+initialised) and compiled ahead of time: for a TPU topology with libtpu (``pip install
+".[tpu]"``) and no TPU, or for the local CPU/GPU devices (``--topology local``). Per chip it
+prints the compiler's buffer plan against the chip's HBM, its FLOPs against the analytic count
+of ``models.flops``, bytes accessed, its time estimate with the images/s and MFU that implies,
+the compile time and the collectives in the program; then the same for the backbone, the head
+and the loss compiled alone and for the sliding-window evaluation step. It exits with status 1
+when the training step does not fit the chip.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from recyclelora_jax import build
+from recyclelora_jax.losses import segmentation_loss
+from recyclelora_jax.models import flops as flops_lib
+from recyclelora_jax.models.segmentor import Segmentor
+from recyclelora_jax.peft.params import attach_shapes
+from recyclelora_jax.train import loop, optim
+from recyclelora_jax.train.sharding import (
+    BATCH_AXES,
+    make_mesh,
+    replicated,
+    tree_shardings,
+)
+
+GiB = 2**30
+Params = dict[str, Any]
+NamedSharding, P = jax.sharding.NamedSharding, jax.sharding.PartitionSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Per-chip HBM and bfloat16 peak (None where unknown, e.g. a CPU)."""
+
+    kind: str
+    hbm_bytes: int | None
+    bf16_flops: float | None
+
+
+# Published per-chip HBM and dense bf16 peak FLOP/s.
+TPU_CHIPS = {
+    "v4": Chip("v4", 32 * GiB, 275e12),
+    "v5e": Chip("v5e", 16 * GiB, 197e12),
+    "v5p": Chip("v5p", 95 * GiB, 459e12),
+    "v6e": Chip("v6e", 32 * GiB, 918e12),
+}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE_RE = re.compile(
+    r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(", re.MULTILINE
+)
+_SHAPE_RE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+
+
+def topology(name: str) -> tuple[list[Any], Chip]:
+    """Devices and chip of ``name``: a TPU topology such as ``v5p:2x2x1`` or ``local``."""
+    if name == "local":
+        devices = jax.devices()
+        stats = devices[0].memory_stats() or {}
+        capacity = stats.get("bytes_limit")
+        if capacity is None and devices[0].platform == "cpu":
+            capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return devices, Chip(devices[0].device_kind, capacity, None)
+    kind = name.split(":")[0]
+    if kind not in TPU_CHIPS:
+        raise ValueError(
+            f"--topology {name!r}: use local or <chip>:<shape> with chip in {sorted(TPU_CHIPS)}"
+        )
+    from jax.experimental import topologies
+
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
+    except Exception as e:  # libtpu missing or an unknown shape
+        raise RuntimeError(
+            f"--topology {name!r}: cannot describe this TPU topology ({e}); deviceless TPU "
+            'compiles need libtpu: pip install -e ".[tpu]"'
+        ) from e
+    return list(desc.devices), TPU_CHIPS[kind]
+
+
+def abstract_run(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop.Run:
+    """``loop.build_run``'s result with ``ShapeDtypeStruct`` leaves: the same model, adapter
+    layout, labels and optimizer, from the config's architecture (its weights file is not read)."""
+    captured = {}
+
+    def backbone() -> Params:
+        captured["model"], params = build.load_backbone_weights(cfg, cfg.seed)
+        return params
+
+    with cfg.unlocked(), cfg.model.backbone.ignore_type():
+        weights, cfg.model.backbone.weights = cfg.model.backbone.weights, ""
+        jax.eval_shape(backbone)
+        cfg.model.backbone.weights = weights
+    plan = build.peft_plan(cfg.peft, cfg.optim, captured["model"].arch.depth)
+    base, layout = attach_shapes(
+        captured["model"].arch, plan.attach_rules, captured["model"].param_dtype
+    )
+    model = build.build_segmentor(cfg, captured["model"], layout)
+    head = jax.eval_shape(lambda: build.init_head(model, cfg.data.crop_size, cfg.seed))
+    params = {"backbone": base, "head": head}
+    labels = optim.label_params(params, plan.label_rules, plan.groups)
+    trainable, frozen = optim.split_trainable(params, labels)
+    trainable_labels, _ = optim.split_trainable(labels, labels)
+    tx = optim.make_optimizer(build.optim_config(cfg), plan.groups, trainable_labels)
+    return loop.Run(cfg, model, layout, labels, trainable, frozen, tx, mesh)
+
+
+def _placed(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def _batched(mesh: jax.sharding.Mesh, shape: tuple[int, ...], dtype: Any, axis: int = 0) -> Any:
+    spec = [None] * len(shape)
+    spec[axis] = BATCH_AXES
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(*spec)))
+
+
+def _params(run: loop.Run, tree: Params) -> Params:
+    return _placed(tree, tree_shardings(run.mesh, tree))
+
+
+def model_flops(cfg: ml_collections.ConfigDict, run: loop.Run) -> dict[str, flops_lib.Flops]:
+    """Analytic FLOPs of one image: backbone, head and loss of the training step, and the
+    forward pass of one evaluation window (with the per-pixel class scores)."""
+    arch = run.model.backbone.arch
+    mode = {"full": "full", "frozen": "frozen"}.get(cfg.peft.method, "adapters")
+    out = tuple(cfg.model.backbone.out_indices)
+    h = dict(cfg.model.head)
+
+    def model(crop: int) -> tuple[flops_lib.Flops, flops_lib.Flops]:
+        grid = (crop // arch.patch_size,) * 2
+        backbone = flops_lib.backbone_flops(arch, (crop, crop), out, run.layout, mode)
+        if h["name"] == "mask2former":
+            return backbone, flops_lib.mask2former_flops(h, arch.embed_dim, grid)
+        return backbone, flops_lib.linear_head_flops(
+            h["num_classes"], arch.embed_dim, grid, len(out)
+        )
+
+    backbone, head = model(cfg.data.crop_size)
+    loss = flops_lib.Flops()
+    scores = 0.0
+    if h["name"] == "mask2former":
+        lc = build.loss_config(cfg)
+        loss = flops_lib.set_loss_flops(h, lc.num_points, lc.oversample_ratio)
+        scores = 2.0 * cfg.eval.crop_size**2 * h.get("num_queries", 100) * h["num_classes"]
+    eval_backbone, eval_head = model(cfg.eval.crop_size)
+    forward = eval_backbone.forward + eval_head.forward + scores
+    return {"backbone": backbone, "head": head, "loss": loss, "eval": flops_lib.Flops(forward)}
+
+
+def programs(run: loop.Run, per_chip_batch: int, parts: bool, evaluate: bool) -> dict[str, tuple]:
+    """Name -> (jitted function, abstract arguments, analytic FLOPs per image)."""
+    cfg, mesh, model = run.cfg, run.mesh, run.model
+    n, crop = per_chip_batch * mesh.size, cfg.data.crop_size
+    images = _batched(mesh, (n, crop, crop, 3), jnp.float32)
+    labels = _batched(mesh, (n, crop, crop), jnp.int32)
+    trainable, frozen = _params(run, run.trainable), _params(run, run.frozen)
+    opt_state = _placed(jax.eval_shape(run.tx.init, run.trainable), loop.opt_state_shardings(run))
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
+    f = model_flops(cfg, run)
+    batch = {"image": images, "label": labels}
+    total = f["backbone"] + f["head"] + f["loss"]
+    out = {"train": (loop.make_step_fn(run), (trainable, opt_state, frozen, batch, step), total)}
+    if parts:
+        out.update(_part_programs(run, images, labels, trainable, frozen, f))
+    if evaluate:
+        windows = _batched(mesh, (n, cfg.eval.crop_size, cfg.eval.crop_size, 3), jnp.float32)
+        predict = jax.jit(lambda p, x: model.apply({"params": p}, x, method=Segmentor.predict))
+        params = _params(run, optim.merge_trees(run.trainable, run.frozen))
+        out["eval"] = (predict, (params, windows), f["eval"])
+    return out
+
+
+def _part_programs(run, images, labels, trainable, frozen, f) -> dict[str, tuple]:
+    """Backbone, head and loss, each forward + backward with the cotangent as an argument."""
+    model, mesh, cfg = run.model, run.mesh, run.cfg
+    loss_cfg = build.loss_config(cfg)
+    tb, fb = trainable.get("backbone", {}), frozen.get("backbone", {})
+    th, fh = trainable.get("head", {}), frozen.get("head", {})
+
+    def features(tb, fb, images):
+        return model.backbone.apply({"params": optim.merge_trees(tb, fb)}, images)["features"]
+
+    def outputs(th, fh, feats):
+        return model.head.apply({"params": optim.merge_trees(th, fh)}, feats, train=True)
+
+    def backbone(tb, fb, images, cotangent):
+        return jax.vjp(lambda t: features(t, fb, images), tb)[1](cotangent)
+
+    def head(th, fh, feats, cotangent):
+        return jax.vjp(lambda t, x: outputs(t, fh, x), th, feats)[1](cotangent)
+
+    def loss(outs, labels, step):
+        rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+        return jax.grad(lambda o: segmentation_loss(o, labels, rng, loss_cfg)[0])(outs)
+
+    feats = [_batched(mesh, x.shape, x.dtype) for x in jax.eval_shape(features, tb, fb, images)]
+    outs = {  # aux_* are (sets, B, ...)
+        k: _batched(mesh, v.shape, v.dtype, axis=int(k.startswith("aux")))
+        for k, v in jax.eval_shape(outputs, th, fh, feats).items()
+    }
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
+    return {
+        "backbone": (jax.jit(backbone), (tb, fb, images, feats), f["backbone"]),
+        "head": (jax.jit(head), (th, fh, feats, outs), f["head"]),
+        "loss": (jax.jit(loss), (outs, labels, step), f["loss"]),
+    }
+
+
+def collectives(hlo: str) -> dict[str, dict[str, int]]:
+    """Count and result bytes of each collective op in optimised HLO text."""
+    found: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+    for shapes, op in _COLLECTIVE_RE.findall(hlo):
+        found[op]["count"] += 1
+        for dtype, dims in _SHAPE_RE.findall(shapes):
+            size = 1 if dtype == "pred" else int(re.sub(r"\D", "", dtype)) // 8
+            for d in filter(None, dims.split(",")):
+                size *= int(d)
+            found[op]["bytes"] += size
+    return dict(found)
+
+
+def compile_program(
+    fn: Callable, args: tuple, chip: Chip, per_chip_batch: int, model: flops_lib.Flops
+) -> dict:
+    """Lower and compile ``fn`` for ``args``; the compiler's per-chip plan, cost and collectives."""
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, list | tuple) else cost) or {}
+    hbm = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        + mem.temp_size_in_bytes
+        - mem.alias_size_in_bytes
+    )
+    estimate = cost.get("optimal_seconds")
+    estimate = float(estimate) if estimate is not None and estimate > 0 else None
+    flops = model.train * per_chip_batch
+    analytic = flops / chip.bf16_flops if chip.bf16_flops else None
+    return {
+        "hbm_bytes": int(hbm),
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "alias_bytes": int(mem.alias_size_in_bytes),
+        "hbm_capacity_bytes": chip.hbm_bytes,
+        "fits": chip.hbm_bytes is None or hbm <= chip.hbm_bytes,
+        "flops": float(cost.get("flops", 0.0)),
+        "model_flops": flops,
+        "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+        "estimated_step_seconds": estimate,
+        "analytic_step_seconds": analytic,
+        "images_per_second": per_chip_batch / estimate if estimate else None,
+        "mfu": analytic / estimate if analytic and estimate else None,
+        "compile_seconds": seconds,
+        "collectives": collectives(compiled.as_text()),
+    }
+
+
+def preflight(
+    cfg: ml_collections.ConfigDict,
+    topology_name: str,
+    per_chip_batch: int | None = None,
+    parts: bool = True,
+    evaluate: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Compile every program for ``topology_name``; returns the report (see ``--json``)."""
+    devices, chip = topology(topology_name)
+    mesh = make_mesh(**cfg.mesh, devices=devices)
+    if per_chip_batch is None:
+        per_chip_batch = max(cfg.train.batch_size // mesh.size, 1)
+    run = abstract_run(cfg, mesh)
+    report: dict[str, Any] = {
+        "topology": topology_name,
+        "chip": chip.kind,
+        "chips": mesh.size,
+        "mesh": dict(mesh.shape),
+        "per_chip_batch": per_chip_batch,
+        "bf16_peak_flops": chip.bf16_flops,
+    }
+    for name, (fn, args, model) in programs(run, per_chip_batch, parts, evaluate).items():
+        log(f"compiling {name} ...")
+        result = compile_program(fn, args, chip, per_chip_batch, model)
+        if name == "train":
+            report.update(result)
+        elif name == "eval":
+            report["eval"] = result
+        else:
+            report.setdefault("parts", {})[name] = result
+    return report
+
+
+def _fmt(x: float | None, spec: str, scale: float = 1.0) -> str:
+    return "-" if x is None else format(x * scale, spec)
+
+
+def format_report(r: dict) -> str:
+    """A table, one row per compiled program, all figures per chip."""
+    rows = [
+        f"{r['topology']}: {r['chips']} x {r['chip']}, mesh {r['mesh']}, per-chip batch "
+        f"{r['per_chip_batch']}, HBM {_fmt(r['hbm_capacity_bytes'], '.1f', 1 / GiB)} GiB",
+        "program | HBM GiB (args/temp/out) | fits | TFLOP (model) | GiB accessed | est. ms | "
+        "img/s | MFU | compile s | collectives (count, GiB)",
+    ]
+    items = [("train", r), *r.get("parts", {}).items()]
+    items += [("eval", r["eval"])] if "eval" in r else []
+    for name, x in items:
+        gib = lambda key, x=x: _fmt(x[key], ".2f", 1 / GiB)
+        coll = ", ".join(
+            f"{k} {v['count']} ({v['bytes'] / GiB:.2f})" for k, v in x["collectives"].items()
+        )
+        rows.append(
+            " | ".join(
+                [
+                    name,
+                    f"{gib('hbm_bytes')} ({gib('argument_bytes')}/{gib('temp_bytes')}/"
+                    f"{gib('output_bytes')})",
+                    "yes" if x["fits"] else "NO",
+                    f"{x['flops'] / 1e12:.4g} ({x['model_flops'] / 1e12:.4g})",
+                    gib("bytes_accessed"),
+                    _fmt(x["estimated_step_seconds"], ".1f", 1e3),
+                    _fmt(x["images_per_second"], ".1f"),
+                    _fmt(x["mfu"], ".1%"),
+                    f"{x['compile_seconds']:.1f}",
+                    coll or "none",
+                ]
+            )
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    report = preflight(
+        _CONFIG.value, _TOPOLOGY.value, _BATCH.value, _PARTS.value, _EVAL.value, log=print
+    )
+    print(format_report(report))
+    if _JSON.value:
+        Path(_JSON.value).write_text(json.dumps(report, indent=1))
+    exit_unless_fits(report)
+
+
+def exit_unless_fits(report: dict) -> None:
+    """Exit with status 1 and the sizes when the training step does not fit the chip."""
+    if not report["fits"]:
+        sys.exit(
+            f"preflight: the training step needs {report['hbm_bytes'] / GiB:.2f} GiB per chip, "
+            f"{report['chip']} has {report['hbm_capacity_bytes'] / GiB:.2f} GiB; lower "
+            "--per-chip-batch, or set --config.model.backbone.remat=True, dtype=bfloat16, "
+            "mesh.fsdp > 1"
+        )
+
+
+if __name__ == "__main__":
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, as for train.py.")
+    _TOPOLOGY = flags.DEFINE_string(
+        "topology", "local", "A TPU topology (v5p:2x2x1, v5e:2x2, v4:2x2x1, v6e:2x2, ...) or local."
+    )
+    _BATCH = flags.DEFINE_integer(
+        "per-chip-batch", None, "Images per chip (default: train.batch_size / chips)."
+    )
+    _PARTS = flags.DEFINE_bool("parts", True, "Also compile backbone, head and loss alone.")
+    _EVAL = flags.DEFINE_bool("eval", True, "Also compile the sliding-window evaluation step.")
+    _JSON = flags.DEFINE_string("json", None, "Write the report to this JSON file.")
+    flags.mark_flag_as_required("config")
+    app.run(main)

@@ -1,0 +1,183 @@
+"""The preflight compiles train.py's step for a TPU topology (deviceless, with libtpu) and for
+the local devices, and its numbers are the compiler's own; the analytic FLOPs are a hand count."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from train_helpers import REPO
+
+from recyclelora_jax import preflight
+from recyclelora_jax.config import base_config, smoke
+from recyclelora_jax.models import flops as flops_lib
+from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
+from recyclelora_jax.models.mask2former import Mask2FormerHead
+from recyclelora_jax.peft.layers import AdapterSpec
+from recyclelora_jax.train import loop
+
+KEYS = (
+    "topology",
+    "chips",
+    "per_chip_batch",
+    "hbm_bytes",
+    "hbm_capacity_bytes",
+    "fits",
+    "flops",
+    "model_flops",
+    "bytes_accessed",
+    "estimated_step_seconds",
+    "analytic_step_seconds",
+    "compile_seconds",
+)
+
+
+# Frozen leaves the training step never reads (no masked tokens, no final norm before the head):
+# jit drops them from the arguments.
+UNUSED = ("backbone/mask_token", "backbone/norm/scale", "backbone/norm/bias")
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+    c = smoke(base_config())
+    c.model.head = ml_collections.ConfigDict(dict(name="linear", num_classes=19))
+    c.data.crop_size = 32
+    c.eval.crop_size = 32
+    return c
+
+
+def per_chip_argument_bytes(run: loop.Run, per_chip_batch: int) -> int:
+    """What the step's arguments occupy on one chip, from the abstract state and its shardings."""
+    opt = jax.eval_shape(run.tx.init, run.trainable)
+    trees = (
+        (run.trainable, preflight.tree_shardings(run.mesh, run.trainable)),
+        (opt, loop.opt_state_shardings(run)),
+        (run.frozen, preflight.tree_shardings(run.mesh, run.frozen)),
+    )
+    state = sum(
+        int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+        for tree, shardings in trees
+        for (path, x), s in zip(
+            jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(shardings), strict=True
+        )
+        if jax.tree_util.keystr(path, simple=True, separator="/") not in UNUSED
+    )
+    crop = run.cfg.data.crop_size
+    return state + per_chip_batch * crop * crop * (3 * 4 + 4) + 4  # f32 image, i32 label, step
+
+
+def test_tpu_topology_report_is_the_compilers_plan():
+    cfg = tiny_config()
+    r = preflight.preflight(cfg, "v5e:2x2", per_chip_batch=2, log=lambda _: None)
+    assert all(k in r for k in KEYS)
+    assert (r["topology"], r["chip"], r["chips"], r["per_chip_batch"]) == ("v5e:2x2", "v5e", 4, 2)
+    assert r["hbm_capacity_bytes"] == 16 * 2**30 and r["fits"]
+    assert r["hbm_bytes"] == (
+        r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"] - r["alias_bytes"]
+    )
+    # Replicated state and a batch of 2 per chip, in TPU tiles (small leaves are padded).
+    mesh = preflight.make_mesh(devices=preflight.topology("v5e:2x2")[0])
+    run = preflight.abstract_run(cfg, mesh)
+    assert 1.0 <= r["argument_bytes"] / per_chip_argument_bytes(run, 2) < 1.1
+    assert r["alias_bytes"] > 0  # the trainable state and optimizer state are donated
+    f = preflight.model_flops(cfg, run)
+    assert r["model_flops"] == pytest.approx(2 * (f["backbone"] + f["head"] + f["loss"]).train)
+    assert 0.9 < r["flops"] / r["model_flops"] < 2.0
+    assert r["analytic_step_seconds"] == pytest.approx(r["model_flops"] / 197e12)
+    assert r["estimated_step_seconds"] > 0 and 0 < r["mfu"] <= 1
+    assert set(r["parts"]) == {"backbone", "head", "loss"} and "eval" in r
+    for part in (*r["parts"].values(), r["eval"]):
+        assert all(k in part for k in KEYS[3:]) and part["hbm_bytes"] > 0
+    # Data parallel: the gradients are summed over the 4 chips.
+    assert r["collectives"]["all-reduce"]["count"] >= 1
+
+
+def test_local_backend_and_fsdp_mesh():
+    cfg = tiny_config()
+    cfg.mesh.fsdp = 2
+    r = preflight.preflight(cfg, "local", 1, parts=False, evaluate=False, log=lambda _: None)
+    assert r["chips"] == jax.device_count() and r["mesh"] == {"data": r["chips"] // 2, "fsdp": 2}
+    assert r["fits"] and r["hbm_bytes"] > r["argument_bytes"] > 0
+    # Without tiling, the argument buffers are exactly the state (FSDP-split leaves count
+    # half on each chip) and one image.
+    run = preflight.abstract_run(cfg, preflight.make_mesh(fsdp=2))
+    assert r["argument_bytes"] == per_chip_argument_bytes(run, 1)
+    assert r["analytic_step_seconds"] is None  # no published peak for a CPU
+    assert "parts" not in r and "eval" not in r
+    # FSDP: parameters are gathered before use.
+    assert "all-gather" in r["collectives"]
+
+
+def test_cli_overrides_json_and_exit_status(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "recyclelora_jax.preflight",
+        "--config",
+        str(REPO / "configs" / "demo.py"),
+        "--config.data.crop_size=32",
+        "--topology",
+        "local",
+        "--per-chip-batch",
+        "1",
+        "--noparts",
+        "--noeval",
+        "--json",
+        str(out),
+    ]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    r = json.loads(out.read_text())
+    assert (r["chips"], r["per_chip_batch"]) == (2, 1) and all(k in r for k in KEYS)
+    assert "train |" in done.stdout
+    with pytest.raises(SystemExit, match="GiB per chip"):
+        preflight.exit_unless_fits({**r, "fits": False, "hbm_capacity_bytes": 1})
+
+
+def test_backbone_flops_hand_count():
+    arch = DinoV2Arch(embed_dim=64, depth=2, num_heads=2, patch_size=8, pos_grid=2)
+    layout = (("blocks_0/attn/qkv", AdapterSpec((("main", 3), ("sub", 1)), 1.0)),)
+    f = flops_lib.backbone_flops(arch, (16, 16), (1,), layout)
+    # 16x16 image, patch 8: 4 patches + CLS = 5 tokens of width 64, MLP 256.
+    kernels = 2 * 5 * 64 * (192 + 64 + 256) + 2 * 5 * 256 * 64  # qkv, proj, fc1; fc2
+    attention = 2 * (2 * 5 * 5 * 64)  # q k^T and weights @ v
+    adapter = 2 * 5 * 64 * 4 + 2 * 5 * 4 * 192  # rank 3 + 1 on blocks_0 qkv
+    patch = 2 * 4 * (8 * 8 * 3) * 64
+    assert f.forward == patch + 2 * (kernels + attention) + adapter
+    # Frozen kernels: input gradients only (none for the patch embedding); attention and the
+    # adapters need both operand gradients.
+    assert f.backward == 2 * (kernels + 2 * attention) + 2 * adapter
+    full = flops_lib.backbone_flops(arch, (16, 16), (1,), mode="full")
+    assert full.backward == patch + 2 * (2 * kernels + 2 * attention)
+    assert flops_lib.backbone_flops(arch, (16, 16), (0,), mode="frozen").backward == 0
+
+
+def _xla_flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_analytic_forward_flops_match_xla():
+    arch = DinoV2Arch(embed_dim=128, depth=2, num_heads=2, patch_size=8, pos_grid=4)
+    backbone = DinoV2(arch, out_indices=(0, 1))
+    images = jnp.zeros((1, 64, 64, 3))
+    bp = backbone.init(jax.random.key(0), images)
+    fwd = lambda p, x: backbone.apply(p, x)["features"]
+    analytic = flops_lib.backbone_flops(arch, (64, 64), (0, 1)).forward
+    assert _xla_flops(fwd, bp, images) == pytest.approx(analytic, rel=0.1)
+    head_cfg = dict(num_classes=19, dim=64, num_queries=20, encoder_layers=1, decoder_layers=2)
+    head_cfg.update(encoder_ffn_dim=64, decoder_ffn_dim=64)
+    head = Mask2FormerHead(**head_cfg)
+    feats = [jnp.zeros((1, 8, 8, 128))] * 4
+    hp = head.init(jax.random.key(0), feats)
+    analytic = flops_lib.mask2former_flops(head_cfg, 128, (8, 8)).forward
+    assert _xla_flops(lambda p, f: head.apply(p, f), hp, feats) == pytest.approx(analytic, rel=0.25)
+    assert np.isfinite(analytic)
