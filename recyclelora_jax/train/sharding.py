@@ -32,9 +32,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = Non
     if size > n or (size < n and jax.process_count() > 1):
         raise ValueError(f"mesh data={data} x fsdp={fsdp} does not fit the {n} devices")
     auto = jax.sharding.AxisType.Auto
-    return jax.make_mesh(
-        (data, fsdp), BATCH_AXES, axis_types=(auto, auto), devices=devices[:size]
-    )
+    return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(auto, auto), devices=devices[:size])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
