@@ -111,6 +111,45 @@ def test_subsets_are_drawn_from_the_seed(datasets):
     assert len(pipeline.MixedSource([pipeline.Source(*gtav)], 0)) == 12  # no subset: all
 
 
+def test_resume_with_another_worker_count_is_refused(datasets):
+    """grain's state names its worker count; restoring it into another count raises."""
+    state = iter(_loader(datasets)).get_state()
+    other = iter(_loader(datasets, num_workers=1))
+    with pytest.raises(ValueError, match="worker"):
+        other.set_state(state)
+
+
+@pytest.mark.parametrize("crop", [32, 384, 768])
+def test_train_resize_scales_follow_the_crop(crop):
+    """mmseg's ratio range 0.5-2.0 in steps of 0.1 of the crop, longer side ≤ 4 × crop (512:
+    256 ... 1024 and 2048): computed here in integer arithmetic."""
+    augment = pipeline.TrainAugment((crop, crop))
+    assert augment.scales == tuple(crop * k // 10 for k in range(5, 21))
+    assert augment.max_size == 4 * crop
+
+
+def test_train_augment_applies_the_crop_scaled_sizes(monkeypatch):
+    """A 40-pixel crop: every resize lands on a shorter side of 20 ... 80 and a longer side of
+    at most 160, and the batch has the crop's shape."""
+    sizes = []
+    resize = pipeline.transforms.resize
+    monkeypatch.setattr(
+        pipeline.transforms, "resize", lambda im, lab, s: sizes.append(s) or resize(im, lab, s)
+    )
+    image = np.zeros((30, 90, 3), np.uint8)  # 1:3, so the 160 cap binds above a short side 53
+    label = np.tile(np.arange(90, dtype=np.uint8) // 10, (30, 1))
+    augment = pipeline.TrainAugment((40, 40))
+    for seed in range(48):
+        image_out, _ = pipeline.transforms.train_augment(
+            image, label, np.random.default_rng(seed), (40, 40), augment.scales, augment.max_size
+        )
+        assert image_out.shape == (40, 40, 3)
+    assert all(max(s) <= 160 for s in sizes)
+    shorts = {min(s) for s in sizes if max(s) < 160}
+    assert shorts <= {40 * k // 10 for k in range(5, 21)} and len(shorts) >= 3
+    assert any(max(s) == 160 for s in sizes)
+
+
 def test_too_small_for_a_batch(datasets):
     with pytest.raises(ValueError, match="cannot fill batches of 16 on 2 shards"):
         _loader(datasets[:1], batch_size=16, shard_count=2)

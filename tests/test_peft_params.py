@@ -134,6 +134,17 @@ def test_attach_is_deterministic_and_cached(backbone, tmp_path, monkeypatch):
     changed = jax.tree.map(lambda x: x * 2, params)
     with pytest.raises(AssertionError, match="recomputed"):
         attach(changed, TINY, rules, cache_dir=tmp_path, progress=False)
+    # So is any change of method, either rank, alpha or seed.
+    variants = [
+        ([AttachRule(r"qkv|proj", "swapped", (("main", 4), ("sub", 2))), rules[1]], 0),
+        ([AttachRule(r"qkv|proj", "recyclelora", (("main", 3), ("sub", 2))), rules[1]], 0),
+        ([AttachRule(r"qkv|proj", "recyclelora", (("main", 4), ("sub", 1))), rules[1]], 0),
+        ([rules[0], AttachRule(r"fc1|fc2", "lora", (("lora", 4),), alpha=2.0)], 0),
+        (rules, 1),
+    ]
+    for variant, seed in variants:
+        with pytest.raises(AssertionError, match="recomputed"):
+            attach(params, TINY, variant, seed=seed, cache_dir=tmp_path, progress=False)
     file = tmp_path / "tree.safetensors"
     save_tree(one, file)
     jax.tree.map(np.testing.assert_array_equal, one, load_tree(file))
