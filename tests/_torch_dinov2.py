@@ -118,3 +118,26 @@ def use_official_interpolation(model: torch.nn.Module, offset: float = 0.1) -> N
         return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, h * w, -1)], 1)
 
     emb.interpolate_pos_encoding = interpolate
+
+
+def official_vit_14px(c: int = 64, hidden: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A one-block official FAIR state dict with the real 14-px patch and 37x37 position grid."""
+    torch.manual_seed(seed)
+    sd = {
+        "cls_token": torch.randn(1, 1, c),
+        "mask_token": torch.zeros(1, c),
+        "pos_embed": torch.randn(1, 1 + 37 * 37, c),
+        "patch_embed.proj.weight": 0.1 * torch.randn(c, 3, 14, 14),
+        "patch_embed.proj.bias": torch.randn(c),
+        "norm.weight": torch.randn(c),
+        "norm.bias": torch.randn(c),
+    }
+    linear = {"attn.qkv": (3 * c, c), "attn.proj": (c, c)}
+    linear.update({"mlp.fc1": (hidden, c), "mlp.fc2": (c, hidden)})
+    for name, shape in linear.items():
+        sd[f"blocks.0.{name}.weight"] = torch.randn(shape)
+        sd[f"blocks.0.{name}.bias"] = torch.randn(shape[0])
+    for norm in ("norm1", "norm2"):
+        sd[f"blocks.0.{norm}.weight"], sd[f"blocks.0.{norm}.bias"] = torch.randn(2, c)
+    sd["blocks.0.ls1.gamma"], sd["blocks.0.ls2.gamma"] = torch.randn(2, c)
+    return sd

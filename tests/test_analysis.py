@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 import scipy.linalg
-from _peft_fixtures import TINY, tiny_backbone
+from _torch_dinov2 import reference_model, save_hub
 
 from recyclelora_jax import analysis
+from recyclelora_jax.convert import load_dinov2
 from recyclelora_jax.peft.params import AttachRule, attach, save_tree
 
 
@@ -60,11 +61,12 @@ def test_cosine_similarity_and_column_norm_ratio():
         analysis.init_column_norm_ratio(update, np.arange(6))
 
 
-def test_cli_compares_inits_and_analyses_a_trained_tree(tmp_path, monkeypatch):
-    backbone, _ = tiny_backbone()
-    monkeypatch.setattr(analysis, "_backbone", lambda args: (TINY, backbone, "tiny"))
+def test_cli_compares_inits_and_analyses_a_trained_tree(tmp_path):
+    """The CLI on a DINOv2 checkpoint file (3 blocks of width 128), nothing mocked."""
+    checkpoint = save_hub(reference_model(), tmp_path / "hub")
+    model, backbone = load_dinov2(checkpoint)
     rule = AttachRule(r"(qkv|proj|fc1|fc2)$", "recyclelora", (("main", 8), ("sub", 2)))
-    init, layout = attach(backbone, TINY, [rule], progress=False)
+    init, layout = attach(backbone, model.arch, [rule], progress=False)
     # A "trained" tree: the main update grows 2x faster at the pivot rows chosen at init.
     trained = jax.tree.map(np.asarray, init)
     for path, _ in layout:
@@ -75,7 +77,8 @@ def test_cli_compares_inits_and_analyses_a_trained_tree(tmp_path, monkeypatch):
         pair["a"] = pair["a"] + step
     save_tree(trained, tmp_path / "trained.safetensors")
     out = tmp_path / "out"
-    args = ["--out", str(out), "--r-main", "8", "--r-sub", "2", "--rank", "4", "--lora-alpha", "4"]
+    args = ["--out", str(out), "--checkpoint", str(checkpoint), "--r-main", "8", "--r-sub", "2"]
+    args += ["--rank", "4", "--lora-alpha", "4"]
     args += ["--trained", str(tmp_path / "trained.safetensors")]
     summary = analysis.main(args)
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -90,4 +93,5 @@ def test_cli_compares_inits_and_analyses_a_trained_tree(tmp_path, monkeypatch):
     assert summary["init"]["lora"]["by_type"]["qkv"]["lora"]["effective_rank"] == 0.0  # b = 0
     assert 0 < summary["init"]["soma"]["by_type"]["fc1"]["lora"]["rank_efficiency"] <= 1
     ratio = summary["trained"]["init_column_norm_ratio"]
-    assert len(ratio["layers"]) == 16 and ratio["mean"] > 1.5
+    assert len(ratio["layers"]) == 12 and ratio["mean"] > 1.5
+    assert summary["backbone"] == str(checkpoint)

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from _torch_dinov2 import fair_state_dict, reference_model, save_hub, save_transformers5
+from _torch_dinov2 import (
+    fair_state_dict,
+    official_vit_14px,
+    reference_model,
+    save_hub,
+    save_transformers5,
+)
 
 from recyclelora_jax.convert import load_dinov2, main, resize_patch_and_pos, save_converted
 from recyclelora_jax.models.dinov2 import DinoV2Arch
@@ -127,25 +133,7 @@ def test_resize_for_512_matches_torch():
 def test_cli_converts_official_pth_for_512(tmp_path, capsys):
     """`python -m recyclelora_jax.convert SRC DST --patch-size 16 --pos-grid 32` on an official
     layout with the real 14-px patch and 37x37 grid (width 64, one block)."""
-    torch.manual_seed(0)
-    c, hidden = 64, 256
-    sd = {
-        "cls_token": torch.randn(1, 1, c),
-        "mask_token": torch.zeros(1, c),
-        "pos_embed": torch.randn(1, 1 + 37 * 37, c),
-        "patch_embed.proj.weight": 0.1 * torch.randn(c, 3, 14, 14),
-        "patch_embed.proj.bias": torch.randn(c),
-        "norm.weight": torch.randn(c),
-        "norm.bias": torch.randn(c),
-    }
-    linear = {"attn.qkv": (3 * c, c), "attn.proj": (c, c)}
-    linear.update({"mlp.fc1": (hidden, c), "mlp.fc2": (c, hidden)})
-    for name, shape in linear.items():
-        sd[f"blocks.0.{name}.weight"] = torch.randn(shape)
-        sd[f"blocks.0.{name}.bias"] = torch.randn(shape[0])
-    for norm in ("norm1", "norm2"):
-        sd[f"blocks.0.{norm}.weight"], sd[f"blocks.0.{norm}.bias"] = torch.randn(2, c)
-    sd["blocks.0.ls1.gamma"], sd["blocks.0.ls2.gamma"] = torch.randn(2, c)
+    sd = official_vit_14px()
     src, dst = tmp_path / "vit.pth", tmp_path / "vit512.safetensors"
     torch.save(sd, src)
     main([str(src), str(dst), "--patch-size", "16", "--pos-grid", "32"])
