@@ -36,7 +36,7 @@ HEAD_DIM = 64  # every DINOv2 model has 64-dimensional heads
 # Interpolation of the position embedding, as the official hub models set it: the plain models
 # use the (n + 0.1) / N scale-factor rule, the register models (and transformers'
 # Dinov2WithRegisters) the size form with antialiasing.
-_INTERPOLATION = {False: (0.1, False), True: (0.0, True)}
+INTERPOLATION = {False: (0.1, False), True: (0.0, True)}
 
 Params = dict[str, Any]
 
@@ -169,7 +169,8 @@ def entries(arch: DinoV2Arch, naming: str) -> list[Entry]:
     return table
 
 
-def _to_torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+def to_torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    """The PyTorch shape of a Flax parameter of ``shape`` stored with ``layout``."""
     if layout == "linear":
         return shape[::-1]
     if layout == "conv":
@@ -178,11 +179,22 @@ def _to_torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
     return shape
 
 
-def _from_torch(array: np.ndarray, layout: str) -> np.ndarray:
+def from_torch(array: np.ndarray, layout: str) -> np.ndarray:
+    """A PyTorch tensor (as numpy) in Flax layout: Linear (out, in) -> (in, out), conv OIHW ->
+    HWIO."""
     if layout == "linear":
         return array.T
     if layout == "conv":
         return array.transpose(2, 3, 1, 0)
+    return array
+
+
+def to_torch(array: np.ndarray, layout: str) -> np.ndarray:
+    """The inverse of :func:`from_torch`."""
+    if layout == "linear":
+        return array.T
+    if layout == "conv":
+        return array.transpose(3, 2, 0, 1)
     return array
 
 
@@ -282,7 +294,7 @@ def convert_tensors(
     unexpected = sorted(set(tensors) - used)
     wrong = []
     for e in table:
-        full = _to_torch_shape(shapes[e.target], e.layout)
+        full = to_torch_shape(shapes[e.target], e.layout)
         part = (full[0] // len(e.sources), *full[1:])
         wrong += [
             f"{s}: {tensors[s].shape} (expected {part})"
@@ -306,7 +318,7 @@ def convert_tensors(
         node = params
         for k in e.target[:-1]:
             node = node.setdefault(k, {})
-        node[e.target[-1]] = jnp.asarray(_from_torch(value, e.layout), dtype=dtype)
+        node[e.target[-1]] = jnp.asarray(from_torch(value, e.layout), dtype=dtype)
     return params
 
 
@@ -348,7 +360,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     raise ValueError(f"{path}: unknown checkpoint type (expected .pth, .pt or .safetensors)")
 
 
-def _default_out_indices(depth: int) -> tuple[int, ...]:
+def default_out_indices(depth: int) -> tuple[int, ...]:
     """The reference's ViT-L blocks (7, 11, 15, 23) where they exist, else the last block of each
     quarter of the depth -- the first block for a quarter shorter than one block (depth < 4)."""
     if max(DEFAULT_OUT_INDICES) < depth:
@@ -399,7 +411,7 @@ def load_dinov2(
             config = path.with_name("config.json")
             if naming != "fair" and config.is_file():
                 arch = apply_hf_config(arch, json.loads(config.read_text()), config)
-            offset, antialias = _INTERPOLATION[arch.num_register_tokens > 0]
+            offset, antialias = INTERPOLATION[arch.num_register_tokens > 0]
         params = convert_tensors(tensors, arch, naming, param_dtype)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
@@ -411,7 +423,7 @@ def load_dinov2(
         arch,
         out_indices=tuple(out_indices)
         if out_indices is not None
-        else _default_out_indices(arch.depth),
+        else default_out_indices(arch.depth),
         interpolate_offset=offset if interpolate_offset is None else interpolate_offset,
         interpolate_antialias=antialias if interpolate_antialias is None else interpolate_antialias,
         remat=remat,

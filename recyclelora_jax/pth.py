@@ -1,10 +1,12 @@
-"""Read PyTorch ``torch.save`` state dicts (zip format) into numpy without importing torch.
+"""Read and write PyTorch ``torch.save`` files (zip format) as numpy without importing torch.
 
 A ``.pth`` file is a zip holding ``<root>/data.pkl`` (a pickle whose tensors point, through
 persistent ids, at raw storages ``<root>/data/<key>``). Unpickling it with the standard
 ``pickle`` machinery would run any callable the file names; this reader allows only the handful
 of globals a state dict of tensors needs and rebuilds each tensor as a numpy view of its storage,
-so pretrained checkpoints load on machines without torch and without trusting the file.
+so pretrained checkpoints load on machines without torch and without trusting the file. Other
+classes (an mmengine checkpoint's message hub, its optimizer state) can be read as inert
+:class:`Opaque` stand-ins. The writer emits only what ``torch.load(weights_only=True)`` accepts.
 
 Nothing is allocated beyond what the file holds: each tensor materialises at most the elements of
 its storage (a stride-0 or overlapping view that would expand a tiny file is refused), all tensors
@@ -18,6 +20,7 @@ import io
 import math
 import os
 import pickle
+import struct
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -65,10 +68,34 @@ _ALLOWED = {
 }
 
 
+class Opaque:
+    """Stand-in for an object of a class the reader does not load: nothing of it is called or
+    kept but its name (``module.qualname`` in ``_name``)."""
+
+    _name = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<not loaded: {self._name}>"
+
+
 class _StateDictUnpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, root: str, byteorder: str, budget: int):
+    def __init__(
+        self,
+        file,
+        archive: zipfile.ZipFile,
+        root: str,
+        byteorder: str,
+        budget: int,
+        opaque: bool = False,
+    ):
         super().__init__(file)
-        self._archive, self._root = archive, root
+        self._archive, self._root, self._opaque = archive, root, opaque
         self._byteorder = "<" if byteorder == "little" else ">"
         self._storages: dict[str, np.ndarray] = {}
         self._budget = budget  # bytes the tensors may still materialise
@@ -79,6 +106,8 @@ class _StateDictUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED[module, name]
         except KeyError:
+            if self._opaque:
+                return type(name, (Opaque,), {"_name": f"{module}.{name}"})
             raise PthError(
                 f"refusing to load {module}.{name}; only state dicts of tensors are read "
                 "without torch"
@@ -140,8 +169,9 @@ def _read_entry(archive: zipfile.ZipFile, name: str) -> bytes:
     return archive.read(info)
 
 
-def read_pth(path: str | Path) -> dict[str, np.ndarray]:
-    """The ``{name: array}`` state dict saved by ``torch.save`` at ``path`` (zip format)."""
+def load_pth(path: str | Path, *, opaque: bool = False) -> Any:
+    """The object saved by ``torch.save`` at ``path`` (zip format), tensors as numpy arrays.
+    ``opaque``: objects of other classes become :class:`Opaque` instead of an error."""
     path = Path(path)
     if not zipfile.is_zipfile(path):
         raise PthError(
@@ -159,13 +189,120 @@ def read_pth(path: str | Path) -> dict[str, np.ndarray]:
                 byteorder = _read_entry(archive, f"{root}/byteorder").decode().strip()
             budget = MAX_EXPANSION * path.stat().st_size
             data = io.BytesIO(_read_entry(archive, pickles[0]))
-            state = _StateDictUnpickler(data, archive, root, byteorder, budget).load()
+            return _StateDictUnpickler(data, archive, root, byteorder, budget, opaque).load()
     except (PthError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, EOFError) as err:
         raise PthError(f"{path}: {err}") from err
     except (ValueError, TypeError, AttributeError, IndexError) as err:  # malformed pickle data
         raise PthError(
             f"{path}: not a state dict of tensors ({type(err).__name__}: {err})"
         ) from err
+
+
+def read_pth(path: str | Path) -> dict[str, np.ndarray]:
+    """The ``{name: array}`` state dict saved by ``torch.save`` at ``path`` (zip format)."""
+    state = load_pth(path)
     if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
         raise PthError(f"{path}: expected a flat state dict of tensors, got {type(state)}")
     return dict(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: the pickle opcodes of protocol 2, emitted directly (no torch classes are needed).
+
+_STORAGE_NAMES = {np.dtype(dt): name for name, dt in _STORAGE_DTYPES.items()}
+
+
+class _PickleWriter:
+    """Emits dicts (``OrderedDict`` too), lists, tuples, str, int, float, bool, None and numpy
+    arrays (as CPU tensors, one storage each) -- the subset ``weights_only`` loading accepts."""
+
+    def __init__(self):
+        self.out = io.BytesIO()
+        self.storages: list[np.ndarray] = []
+
+    def emit(self, obj: Any) -> None:
+        w = self.out.write
+        if obj is None:
+            w(pickle.NONE)
+        elif isinstance(obj, bool):
+            w(pickle.NEWTRUE if obj else pickle.NEWFALSE)
+        elif isinstance(obj, int):
+            if -(2**31) <= obj < 2**31:
+                w(pickle.BININT + struct.pack("<i", obj))
+            else:
+                data = obj.to_bytes((obj.bit_length() + 8) // 8, "little", signed=True)
+                w(pickle.LONG1 + bytes([len(data)]) + data)
+        elif isinstance(obj, float):
+            w(pickle.BINFLOAT + struct.pack(">d", obj))
+        elif isinstance(obj, str):
+            data = obj.encode("utf-8")
+            w(pickle.BINUNICODE + struct.pack("<I", len(data)) + data)
+        elif isinstance(obj, tuple):
+            w(pickle.MARK)
+            for x in obj:
+                self.emit(x)
+            w(pickle.TUPLE)
+        elif isinstance(obj, list):
+            w(pickle.EMPTY_LIST + pickle.MARK)
+            for x in obj:
+                self.emit(x)
+            w(pickle.APPENDS)
+        elif isinstance(obj, OrderedDict):
+            self._global("collections", "OrderedDict")
+            w(pickle.EMPTY_TUPLE + pickle.REDUCE)
+            self._items(obj)
+        elif isinstance(obj, dict):
+            w(pickle.EMPTY_DICT)
+            self._items(obj)
+        elif isinstance(obj, np.ndarray):
+            self._tensor(obj)
+        else:
+            raise TypeError(f"cannot write a {type(obj).__name__} into a .pth file")
+
+    def _global(self, module: str, name: str) -> None:
+        self.out.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+
+    def _items(self, mapping: dict) -> None:
+        self.out.write(pickle.MARK)
+        for k, v in mapping.items():
+            self.emit(k)
+            self.emit(v)
+        self.out.write(pickle.SETITEMS)
+
+    def _tensor(self, array: np.ndarray) -> None:
+        if array.dtype not in _STORAGE_NAMES:
+            raise TypeError(f"no torch storage type for dtype {array.dtype}")
+        array = np.asarray(array, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+        key = str(len(self.storages))
+        self.storages.append(array)
+        self._global("torch._utils", "_rebuild_tensor_v2")
+        self.out.write(pickle.MARK + pickle.MARK)
+        self.emit("storage")
+        self._global("torch", _STORAGE_NAMES[array.dtype])
+        for x in (key, "cpu", int(array.size)):
+            self.emit(x)
+        self.out.write(pickle.TUPLE + pickle.BINPERSID)
+        strides = tuple(s // array.itemsize for s in array.strides)
+        for x in (0, tuple(array.shape), strides, False, OrderedDict()):
+            self.emit(x)
+        self.out.write(pickle.TUPLE + pickle.REDUCE)
+
+
+def write_pth(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` (see :class:`_PickleWriter` for what it may hold) as ``torch.save`` would,
+    little-endian, stored uncompressed; written to a temporary name, then renamed."""
+    path = Path(path)
+    writer = _PickleWriter()
+    writer.out.write(pickle.PROTO + b"\x02")
+    writer.emit(obj)
+    writer.out.write(pickle.STOP)
+    root = path.stem or "archive"
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr(f"{root}/data.pkl", writer.out.getvalue())
+        archive.writestr(f"{root}/byteorder", "little")
+        for key, array in enumerate(writer.storages):
+            data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+            archive.writestr(f"{root}/data/{key}", data)
+        archive.writestr(f"{root}/version", "3\n")
+    tmp.replace(path)
