@@ -22,7 +22,7 @@ import ast
 import dataclasses
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import safetensors
 import safetensors.numpy
 
 from recyclelora_jax import convert
-from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
+from recyclelora_jax.models.dinov2 import DinoV2
 from recyclelora_jax.models.mask2former import (
     GN_GROUPS,
     NUM_LEVELS,
@@ -342,7 +342,7 @@ def _head_from_state(state: Mapping[str, Any], cfg: Mapping[str, Any]) -> Mask2F
     weights = _shape(state, pd + "0.self_attn.attention_weights.weight")[0]
     points, rest = divmod(weights, enc_heads * NUM_LEVELS)
     if rest:
-        raise ValueError(f"attention_weights rows {weights} != heads {enc_heads} x 3 levels x points")
+        raise ValueError(f"attention_weights rows {weights} != {enc_heads} heads x 3 levels x N")
     for name in ("level_embed", "pixel_decoder.level_encoding"):
         levels = _shape(state, f"decode_head.{name}.weight")[0]
         if levels != NUM_LEVELS:
@@ -390,7 +390,8 @@ def _literal(node: ast.AST, scope: Mapping[str, Any]) -> Any:
         items = [_literal(e, scope) for e in node.elts]
         return items if isinstance(node, ast.List) else tuple(items)
     if isinstance(node, ast.Dict) and None not in node.keys:
-        return {_literal(k, scope): _literal(v, scope) for k, v in zip(node.keys, node.values)}
+        pairs = zip(node.keys, node.values, strict=True)
+        return {_literal(k, scope): _literal(v, scope) for k, v in pairs}
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
         if node.args or any(k.arg is None for k in node.keywords):
             raise ValueError("dict(...) with positional or ** arguments")
@@ -482,4 +483,3 @@ def save_mmseg_checkpoint(
         write_pth(path, {"meta": {"cfg": text}, "state_dict": state})
     else:
         raise ValueError(f"{path}: expected a .pth or .safetensors name")
-

@@ -38,7 +38,7 @@ def _install_ext_stand_in() -> None:
 
 _install_ext_stand_in()
 
-import mmseg.models  # noqa: E402  (registers mmseg's and, through it, mmdet's modules)
+import mmseg.models  # noqa: E402, F401  (registers mmseg's and, through it, mmdet's modules)
 from mmengine.config import Config, ConfigDict  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 
@@ -117,8 +117,14 @@ class TinyOfficialDinoV2(nn.Module):
     """The official backbone's layout and forward (images of the position grid's size): block
     outputs at ``out_indices`` without the CLS token, resized x4, x2, x1, x0.5 (bilinear)."""
 
-    def __init__(self, r_main: int = 0, r_sub: int = 0, lora_alpha: float = 1.0,
-                 out_indices=OUT_INDICES, init_cfg=None):
+    def __init__(
+        self,
+        r_main: int = 0,
+        r_sub: int = 0,
+        lora_alpha: float = 1.0,
+        out_indices=OUT_INDICES,
+        init_cfg=None,
+    ):
         super().__init__()
         linear = lambda i, o: LoRALinear(i, o, r_main, r_sub, lora_alpha)
         self.out_indices = tuple(out_indices)
@@ -151,8 +157,13 @@ class TinyOfficialDinoV2(nn.Module):
 def head_config(decoder_layers: int = 3) -> dict:
     """The official ``decode_head`` config at tiny sizes (same structure and options)."""
     attn = dict(embed_dims=DIM, num_heads=HEADS, attn_drop=0.0, proj_drop=0.0, batch_first=True)
-    ffn = dict(embed_dims=DIM, feedforward_channels=64, num_fcs=2, ffn_drop=0.0,
-               act_cfg=dict(type="ReLU", inplace=True))
+    ffn = dict(
+        embed_dims=DIM,
+        feedforward_channels=64,
+        num_fcs=2,
+        ffn_drop=0.0,
+        act_cfg=dict(type="ReLU", inplace=True),
+    )
     return dict(
         type="Mask2FormerHead",
         in_channels=[WIDTH] * 4,
@@ -171,9 +182,16 @@ def head_config(decoder_layers: int = 3) -> dict:
             encoder=dict(
                 num_layers=2,
                 layer_cfg=dict(
-                    self_attn_cfg=dict(embed_dims=DIM, num_heads=HEADS, num_levels=3,
-                                       num_points=POINTS, im2col_step=64, dropout=0.0,
-                                       batch_first=True, norm_cfg=None),
+                    self_attn_cfg=dict(
+                        embed_dims=DIM,
+                        num_heads=HEADS,
+                        num_levels=3,
+                        num_points=POINTS,
+                        im2col_step=64,
+                        dropout=0.0,
+                        batch_first=True,
+                        norm_cfg=None,
+                    ),
                     ffn_cfg=ffn,
                 ),
             ),
@@ -183,21 +201,37 @@ def head_config(decoder_layers: int = 3) -> dict:
         transformer_decoder=dict(
             return_intermediate=True,
             num_layers=decoder_layers,
-            layer_cfg=dict(self_attn_cfg=attn, cross_attn_cfg=attn,
-                           ffn_cfg=dict(ffn, add_identity=True)),
+            layer_cfg=dict(
+                self_attn_cfg=attn, cross_attn_cfg=attn, ffn_cfg=dict(ffn, add_identity=True)
+            ),
         ),
-        loss_cls=dict(type="mmdet.CrossEntropyLoss", use_sigmoid=False, loss_weight=2.0,
-                      class_weight=[1.0] * NUM_CLASSES + [0.1]),
+        loss_cls=dict(
+            type="mmdet.CrossEntropyLoss",
+            use_sigmoid=False,
+            loss_weight=2.0,
+            class_weight=[1.0] * NUM_CLASSES + [0.1],
+        ),
         loss_mask=dict(type="mmdet.CrossEntropyLoss", use_sigmoid=True, loss_weight=5.0),
-        loss_dice=dict(type="mmdet.DiceLoss", use_sigmoid=True, activate=True, naive_dice=True,
-                       eps=1.0, loss_weight=5.0),
+        loss_dice=dict(
+            type="mmdet.DiceLoss",
+            use_sigmoid=True,
+            activate=True,
+            naive_dice=True,
+            eps=1.0,
+            loss_weight=5.0,
+        ),
         train_cfg=dict(
-            num_points=64, oversample_ratio=3.0, importance_sample_ratio=0.75,
-            assigner=dict(type="mmdet.HungarianAssigner", match_costs=[
-                dict(type="mmdet.ClassificationCost", weight=2.0),
-                dict(type="mmdet.CrossEntropyLossCost", weight=5.0, use_sigmoid=True),
-                dict(type="mmdet.DiceCost", weight=5.0, pred_act=True, eps=1.0),
-            ]),
+            num_points=64,
+            oversample_ratio=3.0,
+            importance_sample_ratio=0.75,
+            assigner=dict(
+                type="mmdet.HungarianAssigner",
+                match_costs=[
+                    dict(type="mmdet.ClassificationCost", weight=2.0),
+                    dict(type="mmdet.CrossEntropyLossCost", weight=5.0, use_sigmoid=True),
+                    dict(type="mmdet.DiceCost", weight=5.0, pred_act=True, eps=1.0),
+                ],
+            ),
             sampler=dict(type="mmdet.MaskPseudoSampler"),
         ),
     )
@@ -206,17 +240,24 @@ def head_config(decoder_layers: int = 3) -> dict:
 def official_config(r_main: int = 4, r_sub: int = 2, lora_alpha: float = 1.0) -> Config:
     """An mmengine ``Config`` shaped like the official one (its ``pretty_text`` is what mmengine
     stores as ``meta["cfg"]``)."""
-    return Config(dict(
-        crop_size=(32, 32),
-        model=dict(
-            type="EncoderDecoder",
-            backbone=dict(type="TinyOfficialDinoV2", r_main=r_main, r_sub=r_sub,
-                          lora_alpha=lora_alpha, out_indices=OUT_INDICES),
-            decode_head=head_config(),
-            train_cfg=dict(),
-            test_cfg=dict(mode="slide", crop_size=(32, 32), stride=(21, 21)),
-        ),
-    ))
+    return Config(
+        dict(
+            crop_size=(32, 32),
+            model=dict(
+                type="EncoderDecoder",
+                backbone=dict(
+                    type="TinyOfficialDinoV2",
+                    r_main=r_main,
+                    r_sub=r_sub,
+                    lora_alpha=lora_alpha,
+                    out_indices=OUT_INDICES,
+                ),
+                decode_head=head_config(),
+                train_cfg=dict(),
+                test_cfg=dict(mode="slide", crop_size=(32, 32), stride=(21, 21)),
+            ),
+        )
+    )
 
 
 def build(cfg: Config) -> nn.Module:

@@ -234,7 +234,9 @@ def test_bad_checkpoints_name_the_key(official, tmp_path, edit, message):
     model = official[0]
     state = dict(model.state_dict())
     edit(state)
-    torch.save({"state_dict": state, "meta": {"cfg": _mmseg.official_config().pretty_text}},
-               tmp_path / "bad.pth")
+    torch.save(
+        {"state_dict": state, "meta": {"cfg": _mmseg.official_config().pretty_text}},
+        tmp_path / "bad.pth",
+    )
     with pytest.raises(ValueError, match=message):
         load_mmseg_checkpoint(tmp_path / "bad.pth")
