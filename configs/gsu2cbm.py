@@ -1,8 +1,7 @@
 """GTAV + SYNTHIA + UrbanSyn -> Cityscapes / BDD100K / Mapillary, RecycleLoRA 32 + 4.
 
-UrbanSyn has no builder in this release (see docs/DESIGN.md): this config names it as
-``dg_urbansyn`` and fails with TFDS's "dataset not found" until one is registered.
-Arguments as ``configs/g2cbm.py``.
+UrbanSyn is read by ``dg_urbansyn`` from its download layout (``rgb/``, ``ss/``). Arguments as
+``configs/g2cbm.py``.
 """
 
 from recyclelora_jax.config import apply_common_args, base_config, parse_arg

@@ -1,4 +1,4 @@
-"""TFDS builders of the six datasets (manual download, ArrayRecord, no TensorFlow needed).
+"""TFDS builders of the seven datasets (manual download, ArrayRecord, no TensorFlow needed).
 
 Each example: `image` (the original encoded bytes, or PNG when resized), `label` (PNG of train
 ids, 255 = ignore, same size as the image) and `file_name`. `MANUAL_DOWNLOAD_INSTRUCTIONS` of each
@@ -87,9 +87,21 @@ class DgBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for example in examples:
             yield example["file_name"], example
 
-    def pair_files(self, image_dir: Path, label_dir: Path, image_suffix: str, label_suffix: str):
+    def pair_files(
+        self,
+        image_dir: Path,
+        label_dir: Path,
+        image_suffix: str,
+        label_suffix: str,
+        prefixes: tuple[str, str] = ("", ""),
+    ):
         return layouts.pair_files(
-            image_dir, label_dir, image_suffix, label_suffix, skip_invalid=self.skip_invalid
+            image_dir,
+            label_dir,
+            image_suffix,
+            label_suffix,
+            skip_invalid=self.skip_invalid,
+            prefixes=prefixes,
         )
 
     def pairs(self, root: Path, split: str) -> list[Pair]:
@@ -125,6 +137,22 @@ class DgSynthia(DgBuilder):
         return ConvertTask(
             labels.SYNTHIA, functools.partial(codecs.decode_label_channel, channel=0)
         )
+
+
+class DgUrbansyn(DgBuilder):
+    """UrbanSyn (Gómez et al. 2023): 7,539 photorealistic synthetic frames; `ss/ss_NNNN.png`
+    hold train ids 0-18 and 19 for unlabelled, read as they are -- as the official multi-source
+    config reads them (mmseg's CityscapesDataset on `rgb/` and `ss/`, no id mapping) -- with 19
+    mapped to ignore."""
+
+    SPLITS: ClassVar[dict[str, str]] = {"train": "train"}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "rgb/rgb_NNNN.png and ss/ss_NNNN.png (train-id PNGs)"
+
+    def pairs(self, root, split):
+        return self.pair_files(root / "rgb", root / "ss", ".png", ".png", ("rgb_", "ss_"))
+
+    def task(self, root, split):
+        return ConvertTask(labels.URBANSYN)
 
 
 class DgCityscapes(DgBuilder):

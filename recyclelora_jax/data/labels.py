@@ -69,6 +69,9 @@ SYNTHIA_ID_TO_TRAIN = {
 }  # fmt: skip
 SYNTHIA = make_table("SYNTHIA", SYNTHIA_ID_TO_TRAIN, range(23))
 
+# UrbanSyn's ss/ maps hold train ids, 19 = unlabelled.
+URBANSYN = make_table("UrbanSyn", {i: i for i in range(NUM_CLASSES)}, range(NUM_CLASSES + 1))
+
 # BDD100K sem_seg masks already hold train ids.
 BDD100K = make_table("BDD100K", {i: i for i in range(NUM_CLASSES)}, [*range(NUM_CLASSES), IGNORE])
 

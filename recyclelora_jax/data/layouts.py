@@ -25,19 +25,25 @@ def pair_files(
     label_suffix: str,
     *,
     skip_invalid: bool = False,
+    prefixes: tuple[str, str] = ("", ""),
 ) -> list[Pair]:
     """Every `*image_suffix` under `image_dir` (recursively) with the label at the same relative
-    path under `label_dir`, its suffix replaced; an image without a label is an error (or skipped).
+    path under `label_dir`, its suffix (and name prefix, `prefixes` = (image's, label's))
+    replaced; an image without a label is an error (or skipped).
     """
     require_dir(image_dir, "image")
     require_dir(label_dir, "label")
-    images = sorted(image_dir.rglob(f"*{image_suffix}"))
+    image_prefix, label_prefix = prefixes
+    images = sorted(image_dir.rglob(f"{image_prefix}*{image_suffix}"))
     if not images:
-        raise FileNotFoundError(f"no '*{image_suffix}' images found under {image_dir}")
+        raise FileNotFoundError(
+            f"no '{image_prefix}*{image_suffix}' images found under {image_dir}"
+        )
     pairs, missing = [], []
     for image in images:
         rel = image.relative_to(image_dir)
-        label = label_dir / rel.parent / (rel.name[: -len(image_suffix)] + label_suffix)
+        stem = rel.name[len(image_prefix) : -len(image_suffix)]
+        label = label_dir / rel.parent / (label_prefix + stem + label_suffix)
         if label.is_file():
             pairs.append(Pair(image, label, image.name))
         elif skip_invalid:

@@ -16,7 +16,15 @@ import tensorflow_datasets as tfds
 
 import recyclelora_jax.data  # noqa: F401  (registers the dg_* builders)
 
-DATASETS = ("dg_gtav", "dg_synthia", "dg_cityscapes", "dg_bdd100k", "dg_mapillary", "dg_acdc")
+DATASETS = (
+    "dg_gtav",
+    "dg_synthia",
+    "dg_urbansyn",
+    "dg_cityscapes",
+    "dg_bdd100k",
+    "dg_mapillary",
+    "dg_acdc",
+)
 
 
 def prepare(
