@@ -77,7 +77,7 @@ def test_gsu2cbm_reads_gtav_synthia_and_urbansyn(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.get_config()
-    sources = [Source(b, s, str(tmp_path / "tfds"), n or None) for b, s, n in cfg.data.sources]
+    sources = [Source(b, s, str(tmp_path / "tfds"), n) for b, s, n in cfg.data.sources]
     assert [s.builder for s in sources] == ["dg_gtav", "dg_synthia", "dg_urbansyn"]
     # One batch of all 12 records: 4 from each source.
     loader = make_train_loader(sources, batch_size=12, crop_size=(32, 32), seed=0)
