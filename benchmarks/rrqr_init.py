@@ -21,8 +21,10 @@ import scipy
 import scipy.linalg
 from threadpoolctl import threadpool_limits
 
+from recyclelora_jax.config import base_config
 from recyclelora_jax.models.dinov2 import ARCHS, linear_layer_paths
-from recyclelora_jax.peft.params import RECYCLELORA_RULES, attach
+from recyclelora_jax.peft.params import attach
+from recyclelora_jax.recipe import attach_rules
 
 
 def random_kernels(depth: int, seed: int = 0) -> dict:
@@ -68,7 +70,8 @@ def main() -> None:
     arch = ARCHS["vitl14"]
     tree = random_kernels(args.blocks)
     paths = linear_layer_paths(arch)[: 4 * args.blocks]
-    rules = [dataclasses.replace(RECYCLELORA_RULES[0], blocks=(0, args.blocks))]
+    (paper,) = attach_rules(base_config().adapters, arch.depth)
+    rules = [dataclasses.replace(paper, blocks=(0, args.blocks))]
     # Warm up: compile the project's QR for the four shapes outside the timed region.
     attach(random_kernels(1, seed=1), arch, [dataclasses.replace(rules[0], blocks=(0, 1))])
 

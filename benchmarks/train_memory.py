@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from recyclelora_jax.config import base_config
 from recyclelora_jax.models.dinov2 import ARCHS, DinoV2
-from recyclelora_jax.peft.params import RECYCLELORA_RULES, attach_shapes
+from recyclelora_jax.peft.params import attach_shapes
+from recyclelora_jax.recipe import from_config
 from recyclelora_jax.train import optim
 
 
@@ -63,24 +65,25 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="image side in pixels")
     args = parser.parse_args()
     arch = ARCHS[args.arch]
-    backbone, layout = attach_shapes(arch, RECYCLELORA_RULES)
+    plan = from_config(base_config(), arch)  # the paper's recipe
+    backbone, layout = attach_shapes(arch, plan.attach)
     model = DinoV2(arch, out_indices=(2, 5, 8, 11), adapters=layout)
     params = {"backbone": backbone}
     images = jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32)
     cfg = optim.OptimConfig()
-    labels = optim.label_params(params, optim.RECYCLELORA_RULES, optim.RECYCLELORA_GROUPS)
+    labels = optim.label_params(params, plan.labels, plan.groups)
     trainable, frozen = optim.split_trainable(params, labels)
     trainable_labels, _ = optim.split_trainable(labels, labels)
     n = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}")
     print(f"{args.arch}: {n(trainable):,} trainable of {n(params):,} parameters")
 
-    optimizer = optim.make_optimizer(cfg, optim.RECYCLELORA_GROUPS, trainable_labels)
+    optimizer = optim.make_optimizer(cfg, plan.groups, trainable_labels)
     step = optim.make_train_step(_loss_fn(model), optimizer)
     state = jax.eval_shape(optimizer.init, trainable)
     ours = jax.jit(step, donate_argnums=(0, 2)).lower(trainable, frozen, state, images).compile()
 
-    transforms = {g.name: optim.group_transform(cfg, g) for g in optim.RECYCLELORA_GROUPS}
+    transforms = {g.name: optim.group_transform(cfg, g) for g in plan.groups}
     zero_lr = optim.group_transform(cfg, optim.ParamGroup("frozen", 0.0, False))
     baselines = {}
     for name, frozen_tx in (("all grads, lr-0 group", zero_lr), ("all grads, set_to_zero", None)):

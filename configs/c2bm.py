@@ -3,13 +3,13 @@
 Arguments as ``configs/g2cbm.py`` (``method=``, ``smoke``, ``seed=``).
 """
 
-from recyclelora_jax.config import apply_common_args, base_config, parse_arg
+from recyclelora_jax.config import apply_common_args, base_config, parse_arg, recyclelora_adapters
 
 
 def get_config(arg=None):
     c = base_config()
     c.name = "c2bm"
-    c.peft.r_sub = 2
+    c.adapters = recyclelora_adapters(sub=2)
     c.data.sources = (("dg_cityscapes", "train", 0),)
     c.eval.datasets = ("dg_bdd100k", "dg_mapillary")
     return apply_common_args(c, parse_arg(arg))

@@ -6,7 +6,13 @@ DINOv2 via --config.model.backbone.weights) is frozen and adapted on the flat "s
 styles (Cityscapes layout), beside the frozen-backbone and plain-LoRA baselines.
 """
 
-from recyclelora_jax.config import TINY_MASK2FORMER, apply_common_args, base_config, parse_arg
+from recyclelora_jax.config import (
+    TINY_MASK2FORMER,
+    apply_common_args,
+    base_config,
+    parse_arg,
+    recyclelora_adapters,
+)
 
 DATA = "data/synthetic"
 
@@ -44,7 +50,7 @@ def get_config(arg=None):
     # this CPU, too much for a 10-minute demo of three methods. It stays one flag away:
     # --config.model.head.name=mask2former (and the quick variant exercises it).
     c.model.head = dict(name="linear", num_classes=19)
-    c.peft.update(r_main=8, r_sub=2)
+    c.adapters = recyclelora_adapters(main=8, sub=2)
     c.optim.update(lr=1e-3)
     c.train.update(steps=300, batch_size=8, log_every=10, checkpoint_every=100, eval_every=300)
     c.data.update(

@@ -19,9 +19,9 @@ import numpy as np
 from matplotlib.figure import Figure  # not pyplot: no global backend or figure state
 from matplotlib.ticker import MaxNLocator
 
+from recyclelora_jax.models.adapters import ADAPTER_PREFIX, AdapterLayout
 from recyclelora_jax.models.dinov2 import ARCHS, DinoV2, DinoV2Arch
 from recyclelora_jax.peft.init import get_init
-from recyclelora_jax.peft.layers import ADAPTER_PREFIX, AdapterLayout
 from recyclelora_jax.peft.params import AttachRule, attach, load_tree
 
 Params = dict[str, Any]
@@ -229,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="vits14", help="random backbone architecture (ARCHS name)")
     p.add_argument("--seed", type=int, default=0, help="random backbone / LoRA init seed")
     p.add_argument("--methods", default="recyclelora,soma,lora", help="comma-separated inits")
-    p.add_argument("--layers", default=r"(qkv|proj|fc1|fc2)$", help="regex of adapted layers")
+    p.add_argument("--layers", default="", help="regex of adapted layers (default: all linear)")
     p.add_argument("--r-main", type=int, default=32, help="main adapter rank")
     p.add_argument("--r-sub", type=int, default=4, help="sub adapter rank")
     p.add_argument("--rank", type=int, default=16, help="rank of single-adapter methods")

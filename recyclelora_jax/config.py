@@ -8,10 +8,12 @@ number of SPEC §3-§6 lives here once; baselines and ablations change only what
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 
 import ml_collections
 
 CITYSCAPES_CLASSES = 19
+FROZEN = "frozen"  # the group of parameters that never train
 # A Mask2Former small enough for CPU smoke runs and tests (the matcher needs queries >= 19).
 TINY_MASK2FORMER = dict(
     num_queries=19,
@@ -22,7 +24,40 @@ TINY_MASK2FORMER = dict(
     decoder_ffn_dim=32,
     loss=dict(num_points=256),
 )
-TARGETS_ALL_LINEAR = r"blocks_\d+/(attn/(qkv|proj)|mlp/(fc1|fc2|w12|w3))"
+
+# How every head parameter trains (official mmseg ``custom_keys``, longest key wins there: the
+# decoder's ``query_embed`` and ``level_embed`` and all norms without weight decay; ``query_feat``
+# and the pixel decoder's level embedding match no key and keep the base decay).
+HEAD_PARAMS = (
+    (r"^head/transformer_decoder/(query_embed|level_embed)$", "head_no_decay"),
+    (r"^head/.*norm", "head_no_decay"),
+    (r"^head/", "head"),
+)
+# Adapter leaves and the biases of adapted layers are labelled from the adapters actually
+# attached (``adapters[i].groups`` / ``.bias``), before these rules; the rest of the backbone:
+FROZEN_BACKBONE = ((r"^backbone/", FROZEN),)
+
+
+def recyclelora_adapters(main: int = 32, sub: int = 4, alpha: float = 1.0) -> tuple[dict, ...]:
+    """The paper's adapter table: RRQR main + sub adapters on every linear layer of every block.
+
+    An entry adapts the backbone's linear layers whose path (``blocks_3/attn/qkv``, as the
+    backbone declares them) matches ``layers`` (``re.search``; "" = all) inside ``blocks``
+    (``[first, stop)``, ``None`` = to the last); ``init`` names the initialisation, ``ranks``
+    its adapters, ``alpha / sum(ranks)`` their shared scale; ``groups`` says which optimizer
+    group trains each adapter and ``bias`` where the adapted layers' biases go.
+    """
+    return (
+        dict(
+            layers="",
+            init="recyclelora",
+            ranks=dict(main=main, sub=sub),
+            alpha=alpha,
+            blocks=(0, None),
+            groups=dict(main="main", sub="sub"),
+            bias=FROZEN,
+        ),
+    )
 
 
 def parse_arg(arg: str | None) -> dict:
@@ -53,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
         patch_size=16,  # the reference converts the 14x14 patch kernel to 16x16 ...
         pos_grid=32,  # ... and the 37x37 position embedding to 32x32 (512 / 16)
         out_indices=(7, 11, 15, 23),
-        interpolate_offset=0.1,
+        interpolate_offset=None,  # None: the checkpoint's own rule (convert.load_dinov2)
         remat=False,
         dtype="float32",  # compute dtype ("bfloat16" for mixed precision)
         param_dtype="float32",  # storage of the frozen weights ("bfloat16" halves memory)
@@ -67,30 +102,31 @@ def base_config() -> ml_collections.ConfigDict:
         decoder_layers=9,
     )
 
-    c.peft = dict(
-        method="recyclelora",
-        r_main=32,
-        r_sub=4,
-        alpha=1.0,
-        targets=TARGETS_ALL_LINEAR,
-        blocks=(0, 10**6),  # [first, last) block to adapt
-        train_adapted_bias=False,
-        train_backbone=False,  # full fine-tuning
-        cache=True,  # reuse the initialised tree from the workdir on restart
+    # The recipe: which layers get which adapters, then how every parameter trains (regex over
+    # "/"-joined paths of {"backbone": ..., "head": ...}; first match wins; every leaf must match).
+    c.method = "recyclelora"
+    c.adapters = recyclelora_adapters()
+    c.params = (*FROZEN_BACKBONE, *HEAD_PARAMS)
+    c.groups = dict(
+        main=dict(lr_mult=1.0, weight_decay=False),
+        sub=dict(lr_mult=0.5, weight_decay=False),
+        # trainable non-adapter backbone leaves (SoMA's biases, full fine-tuning)
+        backbone=dict(lr_mult=0.5, weight_decay=True),
+        backbone_no_decay=dict(lr_mult=0.5, weight_decay=False),
+        head=dict(lr_mult=1.0, weight_decay=True),
+        head_no_decay=dict(lr_mult=1.0, weight_decay=False),
     )
+    c.init_cache = True  # reuse the initialised adapters from the workdir on restart
 
     c.optim = dict(
         lr=1e-4,
         b1=0.9,
         b2=0.999,
         eps=1e-8,
-        weight_decay=0.05,
+        weight_decay=0.05,  # groups with weight_decay=False start at 0
         weight_decay_min=1e-5,  # cosine-annealed per step (mmengine semantics)
         power=0.9,  # polynomial LR decay to 0
         warmup_steps=0,
-        main_lr_mult=1.0,
-        sub_lr_mult=0.5,
-        backbone_lr_mult=0.5,  # for trainable non-adapter backbone leaves (SoMA biases, full FT)
         ema_momentum=0.0,  # 0 = no EMA
         ema_start=0,
     )
@@ -125,33 +161,76 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-METHODS = (
-    "recyclelora",
-    "main-only",
-    "sub-only",
-    "swapped",
-    "soma",
-    "pissa",
-    "milora",
-    "lora",
-    "full",
-    "frozen",
-)
+def _rrqr_variant(init: str, keep: tuple[str, ...]) -> Callable[[dict], dict]:
+    """Same RRQR adapters with another init (``swapped``) or only some of them (ablations)."""
+
+    def rewrite(entry: dict) -> dict:
+        ranks = {n: r for n, r in entry["ranks"].items() if n in keep}
+        return dict(entry, init=init, ranks=ranks, groups={n: entry["groups"][n] for n in ranks})
+
+    return rewrite
+
+
+def _single_adapter(init: str) -> Callable[[dict], dict]:
+    """One adapter of RecycleLoRA's total rank, scale ``alpha / r``: same budget, same alpha."""
+
+    def rewrite(entry: dict) -> dict:
+        rank = sum(entry["ranks"].values())
+        return dict(entry, init=init, ranks=dict(lora=rank), groups=dict(lora="main"))
+
+    return rewrite
+
+
+def _soma(entry: dict) -> dict:
+    """SoMA: minor SVD directions, rank 16, alpha 16, blocks 8 on, adapted biases train."""
+    return dict(
+        entry,
+        init="soma",
+        ranks=dict(lora=16),
+        alpha=16.0,
+        blocks=(8, None),
+        groups=dict(lora="backbone"),
+        bias="backbone",
+    )
+
+
+# Every method is a rewrite of the RecycleLoRA recipe: of each adapter entry (None: no adapters),
+# and of the parameter table (None: unchanged).
+METHODS: dict[str, tuple[Callable[[dict], dict] | None, tuple | None]] = {
+    "recyclelora": (lambda entry: entry, None),
+    "main-only": (_rrqr_variant("main-only", ("main",)), None),
+    "sub-only": (_rrqr_variant("sub-only", ("sub",)), None),
+    "swapped": (_rrqr_variant("swapped", ("main", "sub")), None),
+    "soma": (_soma, None),
+    "pissa": (_single_adapter("pissa"), None),
+    "milora": (_single_adapter("milora"), None),
+    "lora": (_single_adapter("lora"), None),
+    "full": (
+        None,
+        ((r"^backbone/.*norm", "backbone_no_decay"), (r"^backbone/", "backbone"), *HEAD_PARAMS),
+    ),
+    "frozen": (None, None),
+}
 
 
 def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-    """Switch the PEFT method; SoMA brings its own recipe (SPEC §8)."""
+    """Rewrite the RecycleLoRA recipe of ``c`` into ``method``'s (adapters, parameter rules and
+    the optimizer settings the method brings)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} unknown; known: {', '.join(METHODS)}")
-    c.peft.method = method
+    if c.method != "recyclelora":
+        raise ValueError(f"method={method!r} rewrites the recyclelora recipe, not {c.method!r}")
+    adapters, params = METHODS[method]
+    c.method = method
+    c.adapters = tuple(adapters(dict(e)) for e in c.adapters) if adapters else ()
+    if params is not None:
+        c.params = params
     if method == "soma":
-        c.peft.update(r_main=16, alpha=16.0, blocks=(8, 10**6), train_adapted_bias=True)
-        c.optim.update(backbone_lr_mult=0.5, ema_momentum=2e-4, ema_start=12_000)
-    elif method in ("pissa", "milora", "lora"):
-        # One adapter with RecycleLoRA's total rank and scale 1/r: same budget, same alpha.
-        c.peft.update(r_main=c.peft.r_main + c.peft.r_sub)
+        c.optim.update(ema_momentum=2e-4, ema_start=12_000)
     elif method == "full":
-        c.optim.update(backbone_lr_mult=0.1)
+        # Backbone lr x0.1, the usual mmseg Mask2Former setting (the paper leaves it open).
+        for name in ("backbone", "backbone_no_decay"):
+            c.groups[name].lr_mult = 0.1
     return c
 
 
@@ -176,10 +255,14 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
     if c.model.head.name == "mask2former":
         c.model.head.update(TINY_MASK2FORMER)
-    first, stop = c.peft.blocks
-    # SoMA's 8 frozen blocks of 24 become 1 of the tiny backbone's 4.
-    c.peft.update(
-        r_main=min(c.peft.r_main, 4), r_sub=min(c.peft.r_sub, 2), blocks=(min(first, 1), stop)
+    # Ranks at most 4 (sub 2); SoMA's 8 frozen blocks of 24 become 1 of the tiny backbone's 4.
+    c.adapters = tuple(
+        dict(
+            e,
+            ranks={n: min(r, 2 if n == "sub" else 4) for n, r in e["ranks"].items()},
+            blocks=(min(e["blocks"][0], 1), e["blocks"][1]),
+        )
+        for e in c.adapters
     )
     c.train.update(steps=6, batch_size=2, log_every=1, checkpoint_every=3, eval_every=6)
     c.data.update(

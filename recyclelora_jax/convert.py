@@ -33,11 +33,6 @@ from recyclelora_jax.pth import read_pth
 FORMAT_TAG = "recyclelora_jax.dinov2"
 HEAD_DIM = 64  # every DINOv2 model has 64-dimensional heads
 
-# Interpolation of the position embedding, as the official hub models set it: the plain models
-# use the (n + 0.1) / N scale-factor rule, the register models (and transformers'
-# Dinov2WithRegisters) the size form with antialiasing.
-INTERPOLATION = {False: (0.1, False), True: (0.0, True)}
-
 Params = dict[str, Any]
 
 
@@ -368,6 +363,12 @@ def default_out_indices(depth: int) -> tuple[int, ...]:
     return tuple(max(depth * (k + 1) // 4 - 1, 0) for k in range(4))
 
 
+def default_interpolation(arch: DinoV2Arch) -> tuple[float, bool]:
+    """``(interpolate_offset, interpolate_antialias)`` of the official models of ``arch``:
+    register models use the size form with antialiasing, the others the ``(n + 0.1) / N`` rule."""
+    return (0.0, True) if arch.num_register_tokens else (0.1, False)
+
+
 def load_dinov2(
     path: str | Path,
     *,
@@ -411,7 +412,7 @@ def load_dinov2(
             config = path.with_name("config.json")
             if naming != "fair" and config.is_file():
                 arch = apply_hf_config(arch, json.loads(config.read_text()), config)
-            offset, antialias = INTERPOLATION[arch.num_register_tokens > 0]
+            offset, antialias = default_interpolation(arch)
         params = convert_tensors(tensors, arch, naming, param_dtype)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err

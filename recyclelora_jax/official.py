@@ -33,6 +33,7 @@ import safetensors
 import safetensors.numpy
 
 from recyclelora_jax import convert
+from recyclelora_jax.models.adapters import ADAPTER_PREFIX, AdapterSpec
 from recyclelora_jax.models.dinov2 import DinoV2
 from recyclelora_jax.models.mask2former import (
     GN_GROUPS,
@@ -41,7 +42,6 @@ from recyclelora_jax.models.mask2former import (
     Mask2FormerHead,
 )
 from recyclelora_jax.models.segmentor import Segmentor
-from recyclelora_jax.peft.layers import ADAPTER_PREFIX, AdapterSpec
 from recyclelora_jax.peft.params import merge
 from recyclelora_jax.pth import load_pth, write_pth
 
@@ -313,7 +313,7 @@ def model_from_state(state: Mapping[str, Any], cfg: Mapping[str, Any] | None = N
     default_blocks = OFFICIAL["out_indices"]
     if max(default_blocks) >= arch.depth:
         default_blocks = convert.default_out_indices(arch.depth)
-    offset, antialias = convert.INTERPOLATION[arch.num_register_tokens > 0]
+    offset, antialias = convert.default_interpolation(arch)
     dino = DinoV2(
         arch,
         out_indices=tuple(_cfg(cfg, "model.backbone.out_indices", default_blocks)),

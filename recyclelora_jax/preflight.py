@@ -32,7 +32,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from recyclelora_jax import build
+from recyclelora_jax import build, recipe
 from recyclelora_jax.losses import segmentation_loss
 from recyclelora_jax.models import flops as flops_lib
 from recyclelora_jax.models.segmentor import Segmentor
@@ -113,14 +113,12 @@ def abstract_run(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loo
         weights, cfg.model.backbone.weights = cfg.model.backbone.weights, ""
         jax.eval_shape(backbone)
         cfg.model.backbone.weights = weights
-    plan = build.peft_plan(cfg.peft, cfg.optim, captured["model"].arch.depth)
-    base, layout = attach_shapes(
-        captured["model"].arch, plan.attach_rules, captured["model"].param_dtype
-    )
+    plan = recipe.from_config(cfg, captured["model"].arch)
+    base, layout = attach_shapes(captured["model"].arch, plan.attach, captured["model"].param_dtype)
     model = build.build_segmentor(cfg, captured["model"], layout)
     head = jax.eval_shape(lambda: build.init_head(model, cfg.data.crop_size, cfg.seed))
     params = {"backbone": base, "head": head}
-    labels = optim.label_params(params, plan.label_rules, plan.groups)
+    labels = optim.label_params(params, plan.labels, plan.groups)
     trainable, frozen = optim.split_trainable(params, labels)
     trainable_labels, _ = optim.split_trainable(labels, labels)
     tx = optim.make_optimizer(build.optim_config(cfg), plan.groups, trainable_labels)
@@ -147,7 +145,7 @@ def model_flops(cfg: ml_collections.ConfigDict, run: loop.Run) -> dict[str, flop
     """Analytic FLOPs of one image: backbone, head and loss of the training step, and the
     forward pass of one evaluation window (with the per-pixel class scores)."""
     arch = run.model.backbone.arch
-    mode = {"full": "full", "frozen": "frozen"}.get(cfg.peft.method, "adapters")
+    mode = {"full": "full", "frozen": "frozen"}.get(cfg.method, "adapters")
     out = tuple(cfg.model.backbone.out_indices)
     h = dict(cfg.model.head)
 

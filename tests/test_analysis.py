@@ -65,7 +65,7 @@ def test_cli_compares_inits_and_analyses_a_trained_tree(tmp_path):
     """The CLI on a DINOv2 checkpoint file (3 blocks of width 128), nothing mocked."""
     checkpoint = save_hub(reference_model(), tmp_path / "hub")
     model, backbone = load_dinov2(checkpoint)
-    rule = AttachRule(r"(qkv|proj|fc1|fc2)$", "recyclelora", (("main", 8), ("sub", 2)))
+    rule = AttachRule("", "recyclelora", (("main", 8), ("sub", 2)))
     init, layout = attach(backbone, model.arch, [rule], progress=False)
     # A "trained" tree: the main update grows 2x faster at the pivot rows chosen at init.
     trained = jax.tree.map(np.asarray, init)

@@ -15,6 +15,7 @@ import transformers
 from _torch_dinov2 import reference_model, run_reference, save_hub, use_official_interpolation
 
 from recyclelora_jax.convert import load_dinov2
+from recyclelora_jax.models.adapters import AdapterSpec
 from recyclelora_jax.models.dinov2 import (
     ARCHS,
     DinoV2,
@@ -23,7 +24,6 @@ from recyclelora_jax.models.dinov2 import (
     gelu_exact,
     linear_layer_paths,
 )
-from recyclelora_jax.peft.layers import AdapterSpec
 
 TOL = 1e-4
 OUT = (0, 1)  # intermediate blocks compared, besides the final normed tokens

@@ -12,18 +12,21 @@ import torch
 from _peft_fixtures import OUT, TINY, tiny_backbone
 from flax import traverse_util
 
-from recyclelora_jax.models.dinov2 import DinoV2
-from recyclelora_jax.peft.params import AttachRule, attach
-from recyclelora_jax.train.optim import (
+from recyclelora_jax import recipe
+from recyclelora_jax.config import (
     FROZEN,
-    RECYCLELORA_GROUPS,
-    RECYCLELORA_RULES,
+    apply_method,
+    base_config,
+    recyclelora_adapters,
+    smoke,
+)
+from recyclelora_jax.models.dinov2 import DinoV2
+from recyclelora_jax.peft.params import attach, attach_shapes
+from recyclelora_jax.train.optim import (
     OptimConfig,
     ParamGroup,
     cosine_wd,
     ema_update,
-    full_finetune_groups,
-    full_finetune_rules,
     group_transform,
     label_params,
     make_optimizer,
@@ -31,12 +34,24 @@ from recyclelora_jax.train.optim import (
     merge_trees,
     param_overview,
     poly_lr,
-    soma_rules,
     split_trainable,
     value_and_grad_trainable,
 )
 
 STEPS = (0, 1, 20_000, 39_999, 40_000)
+
+
+def _plan(method: str = "recyclelora") -> recipe.Recipe:
+    """The config's recipe on the tiny backbone: RecycleLoRA 8 + 2, or ``method`` at smoke size
+    (SoMA then adapts blocks 1-3)."""
+    c = base_config()
+    c.adapters = recyclelora_adapters(main=8, sub=2)
+    if method != "recyclelora":
+        c = smoke(apply_method(c, method))
+    return recipe.from_config(c, TINY)
+
+
+PLAN = _plan()
 
 
 def _flat(tree):
@@ -91,12 +106,14 @@ def full_tree():
 
 def _full_tree(seed=0):
     backbone, images = tiny_backbone(seed)
-    rule = AttachRule(r"(qkv|proj|fc1|fc2)$", "recyclelora", (("main", 8), ("sub", 2)))
-    backbone, layout = attach(backbone, TINY, [rule], progress=False)
+    backbone, layout = attach(backbone, TINY, PLAN.attach, progress=False)
     rng = np.random.default_rng(seed)
     head = {
         "proj": {"kernel": rng.standard_normal((64, 8)), "bias": np.zeros(8)},
-        "transformer_decoder": {"query_feat": {"embedding": rng.standard_normal((4, 8))}},
+        "transformer_decoder": {
+            "query_embed": rng.standard_normal((4, 8)),
+            "query_feat": rng.standard_normal((4, 8)),
+        },
         "out_norm": {"scale": np.ones(8), "bias": np.zeros(8)},
     }
     head = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), head)
@@ -111,33 +128,40 @@ def _loss_fn(layout):
         h = params["head"]
         y = feats.mean((1, 2)) @ h["proj"]["kernel"] + h["proj"]["bias"]
         y = y * h["out_norm"]["scale"] + h["out_norm"]["bias"]
-        return jnp.mean((y[:, None] - h["transformer_decoder"]["query_feat"]["embedding"]) ** 2)
+        queries = h["transformer_decoder"]["query_embed"] + h["transformer_decoder"]["query_feat"]
+        return jnp.mean((y[:, None] - queries) ** 2)
 
     return loss
 
 
 def test_labels_first_match_and_errors(full_tree):
     params, _, _ = full_tree
-    labels = _flat(label_params(params, RECYCLELORA_RULES, RECYCLELORA_GROUPS))
+    labels = _flat(label_params(params, PLAN.labels, PLAN.groups))
     assert labels["backbone/blocks_3/attn/qkv/adapter_main/a"] == "main"
     assert labels["backbone/blocks_0/mlp/fc2/adapter_sub/b"] == "sub"
     assert labels["backbone/blocks_0/mlp/fc2/kernel"] == FROZEN
     assert labels["backbone/blocks_0/norm1/scale"] == FROZEN  # frozen wins over "norm"
-    assert labels["head/transformer_decoder/query_feat/embedding"] == "head"  # decayed
+    assert labels["head/transformer_decoder/query_embed"] == "head_no_decay"
+    assert labels["head/transformer_decoder/query_feat"] == "head"
     assert labels["head/out_norm/scale"] == "head_no_decay"
     assert labels["head/proj/kernel"] == "head"
     with pytest.raises(ValueError, match=r"2 parameters match no label rule: \['head/proj/"):
         label_params(params, [(r"^backbone/", FROZEN), (r"query|norm", "head")])
     with pytest.raises(ValueError, match=r"undefined groups \['mian'\]"):
-        label_params(params, [("adapter_main", "mian"), (".", FROZEN)], RECYCLELORA_GROUPS)
-    soma = _flat(label_params(params, soma_rules(first_block=2, depth=4)))
-    assert soma["backbone/blocks_2/attn/qkv/bias"] == "backbone"
-    assert soma["backbone/blocks_1/attn/qkv/bias"] == FROZEN
-    assert soma["backbone/blocks_3/mlp/fc1/adapter_main/a"] == "backbone"
-    assert soma["backbone/blocks_3/mlp/fc1/kernel"] == FROZEN
-    full = _flat(label_params(params, full_finetune_rules(), full_finetune_groups()))
-    assert full["backbone/blocks_3/mlp/fc1/kernel"] == "backbone"
-    assert full["backbone/norm/scale"] == "backbone_no_decay"
+        label_params(params, [("adapter_main", "mian"), (".", FROZEN)], PLAN.groups)
+    head = params["head"]
+    for method in ("soma", "full"):
+        plan = _plan(method)
+        shapes = {"backbone": attach_shapes(TINY, plan.attach)[0], "head": head}
+        labels = _flat(label_params(shapes, plan.labels, plan.groups))
+        if method == "soma":
+            assert labels["backbone/blocks_2/attn/qkv/bias"] == "backbone"
+            assert labels["backbone/blocks_0/attn/qkv/bias"] == FROZEN
+            assert labels["backbone/blocks_3/mlp/fc1/adapter_lora/a"] == "backbone"
+            assert labels["backbone/blocks_3/mlp/fc1/kernel"] == FROZEN
+        else:
+            assert labels["backbone/blocks_3/mlp/fc1/kernel"] == "backbone"
+            assert labels["backbone/norm/scale"] == "backbone_no_decay"
     with pytest.raises(ValueError, match="trees overlap at"):
         merge_trees(params, params)
 
@@ -150,10 +174,10 @@ def _adamw_first_step(p, g, lr, wd):
 def test_three_steps_frozen_untouched_groups_use_their_lr(full_tree):
     params, layout, images = full_tree
     cfg = OptimConfig(total_steps=10)
-    labels = label_params(params, RECYCLELORA_RULES, RECYCLELORA_GROUPS)
+    labels = label_params(params, PLAN.labels, PLAN.groups)
     trainable, frozen = split_trainable(params, labels)
     trainable_labels, _ = split_trainable(labels, labels)
-    optimizer = make_optimizer(cfg, RECYCLELORA_GROUPS, trainable_labels)
+    optimizer = make_optimizer(cfg, PLAN.groups, trainable_labels)
     opt_state = optimizer.init(trainable)
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
@@ -203,7 +227,7 @@ def _assert_same_update(ours, theirs, start):
 
 def _torch_adamw(trainable, labels):
     """torch AdamW with one param group per leaf, lr and initial wd from the leaf's group."""
-    groups = {g.name: g for g in RECYCLELORA_GROUPS}
+    groups = {g.name: g for g in PLAN.groups}
     flat_labels = _flat(labels)
     tensors = {k: torch.tensor(np.asarray(v)) for k, v in _flat(trainable).items()}
     param_groups = []
@@ -218,7 +242,7 @@ def _torch_adamw(trainable, labels):
 
 def _naive_step(loss_fn, cfg, labels):
     """The wasteful baseline: differentiate every leaf, freeze by an lr-0 AdamW group."""
-    transforms = {g.name: group_transform(cfg, g) for g in RECYCLELORA_GROUPS}
+    transforms = {g.name: group_transform(cfg, g) for g in PLAN.groups}
     zero_lr = group_transform(cfg, ParamGroup(FROZEN, 0.0, False))
     optimizer = optax.partition({**transforms, FROZEN: zero_lr}, labels)
 
@@ -233,9 +257,9 @@ def _naive_step(loss_fn, cfg, labels):
 def test_trainable_only_step_needs_less_memory(full_tree):
     params, layout, images = full_tree
     cfg = OptimConfig(total_steps=10)
-    labels = label_params(params, RECYCLELORA_RULES, RECYCLELORA_GROUPS)
+    labels = label_params(params, PLAN.labels, PLAN.groups)
     trainable, frozen = split_trainable(params, labels)
-    optimizer = make_optimizer(cfg, RECYCLELORA_GROUPS, split_trainable(labels, labels)[0])
+    optimizer = make_optimizer(cfg, PLAN.groups, split_trainable(labels, labels)[0])
     step = jax.jit(make_train_step(_loss_fn(layout), optimizer), donate_argnums=(0, 2))
     ours = step.lower(trainable, frozen, optimizer.init(trainable), images).compile()
     naive_opt, naive = _naive_step(_loss_fn(layout), cfg, labels)
@@ -268,7 +292,7 @@ def test_ema_follows_mmengine_begin_iter():
 
 def test_param_overview_counts_and_bytes(full_tree):
     params, _, _ = full_tree
-    labels = label_params(params, RECYCLELORA_RULES, RECYCLELORA_GROUPS)
+    labels = label_params(params, PLAN.labels, PLAN.groups)
     table = param_overview(params, labels)
     main = sum(x.size for k, x in _flat(params).items() if "adapter_main" in k)
     assert main == 4 * 8 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))  # r (in + out)
@@ -325,7 +349,6 @@ def tiny_base_and_head():
     """The tiny backbone and the smoke config's Mask2Former head parameters (random values on
     its abstract shapes: no init compile)."""
     from recyclelora_jax import build
-    from recyclelora_jax.config import base_config, smoke
 
     base, _ = tiny_backbone(0)
     cfg = smoke(base_config())
@@ -346,16 +369,15 @@ class _Frozen(tuple):
 
 @functools.cache
 def _train_groups(method, base_and_head):
-    """What train.py builds for ``method``: config → plan → adapters → labels → optimizer."""
+    """What train.py builds for ``method``: config → recipe → adapters → labels → optimizer."""
     from recyclelora_jax import build
-    from recyclelora_jax.config import apply_method, base_config, smoke
 
     base, head = base_and_head
     cfg = smoke(apply_method(base_config(), method))
-    plan = build.peft_plan(cfg.peft, cfg.optim, TINY.depth)
-    adapted, _ = attach(base, TINY, plan.attach_rules, seed=0, progress=False)
+    plan = recipe.from_config(cfg, TINY)
+    adapted, _ = attach(base, TINY, plan.attach, seed=0, progress=False)
     params = {"backbone": adapted, "head": head}
-    labels = label_params(params, plan.label_rules, plan.groups)
+    labels = label_params(params, plan.labels, plan.groups)
     trainable, _ = split_trainable(params, labels)
     trainable_labels, _ = split_trainable(labels, labels)
     tx = make_optimizer(build.optim_config(cfg), plan.groups, trainable_labels)

@@ -6,10 +6,8 @@ import pytest
 from _peft_fixtures import TINY, run_backbone, tiny_backbone
 from flax import traverse_util
 
-from recyclelora_jax.models.dinov2 import ARCHS
+from recyclelora_jax.models.dinov2 import ARCHS, DinoV2
 from recyclelora_jax.peft.params import (
-    RECYCLELORA_RULES,
-    SOMA_RULES,
     AttachRule,
     adapter_layout,
     attach,
@@ -27,7 +25,7 @@ RANKS = {
     "milora": (("lora", 4),),
     "lora": (("lora", 4),),
 }
-ALL_LINEAR = r"(qkv|proj|fc1|fc2)$"
+ALL_LINEAR = ""  # every linear layer the backbone declares
 
 
 def _max_diff(xs, ys):
@@ -72,7 +70,8 @@ def test_merge_equals_adapted_and_loads_into_plain_backbone(backbone):
 
 
 def test_vitl_adapter_count_without_allocation():
-    shapes, layout = attach_shapes(ARCHS["vitl14"], RECYCLELORA_RULES)
+    rule = AttachRule(ALL_LINEAR, "recyclelora", (("main", 32), ("sub", 4)))
+    shapes, layout = attach_shapes(ARCHS["vitl14"], [rule])
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
     flat = traverse_util.flatten_dict(shapes, sep="/")
 
@@ -83,6 +82,14 @@ def test_vitl_adapter_count_without_allocation():
     assert count("adapter_main/") == 12_582_912
     assert count("adapter_sub/") == 1_572_864
     assert count("adapter_") == 14_155_776
+
+
+def test_attach_shapes_are_the_adapted_models_params():
+    rules = [AttachRule("qkv|fc2", "recyclelora", (("main", 4), ("sub", 1)), blocks=(1, 3))]
+    shapes, layout = attach_shapes(TINY, rules)
+    model = DinoV2(TINY, out_indices=(), adapters=layout)
+    image = jax.ShapeDtypeStruct((1, 8, 8, 3), np.float32)
+    assert shapes == jax.eval_shape(model.init, jax.random.key(0), image)["params"]
 
 
 def test_rules_first_match_and_block_range():
@@ -98,11 +105,12 @@ def test_rules_first_match_and_block_range():
     assert layout["blocks_1/attn/qkv"].scale == 1.0
     assert layout["blocks_0/attn/qkv"].ranks == (("main", 4), ("sub", 1))
     assert layout["blocks_0/attn/qkv"].scale == pytest.approx(0.2)
-    soma = dict(adapter_layout(ARCHS["vitl14"], SOMA_RULES))
+    soma_rule = AttachRule(ALL_LINEAR, "soma", (("lora", 16),), 16.0, (8, 24))
+    soma = dict(adapter_layout(ARCHS["vitl14"], [soma_rule]))
     assert len(soma) == 64 and "blocks_7/mlp/fc1" not in soma and "blocks_8/mlp/fc1" in soma
     with pytest.raises(ValueError, match="needs ranks for"):
         adapter_layout(TINY, [AttachRule("qkv", "soma", (("main", 2),))])
-    with pytest.raises(ValueError, match="no attach rule matches"):
+    with pytest.raises(ValueError, match="adapt no linear layer"):
         adapter_layout(TINY, [AttachRule("nothing", "lora", (("lora", 2),))])
 
 

@@ -18,9 +18,9 @@ from train_helpers import REPO
 from recyclelora_jax import preflight
 from recyclelora_jax.config import base_config, smoke
 from recyclelora_jax.models import flops as flops_lib
+from recyclelora_jax.models.adapters import AdapterSpec
 from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
 from recyclelora_jax.models.mask2former import Mask2FormerHead
-from recyclelora_jax.peft.layers import AdapterSpec
 from recyclelora_jax.train import loop
 
 KEYS = (

@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from recyclelora_jax.models.adapters import AdapterLayout, make_dense
 from recyclelora_jax.models.resize import torch_interpolate
-from recyclelora_jax.peft.layers import AdapterLayout, make_dense
 
 LN_EPS = 1e-6
 

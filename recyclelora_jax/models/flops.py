@@ -15,9 +15,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from recyclelora_jax.models.adapters import AdapterLayout
 from recyclelora_jax.models.dinov2 import DinoV2Arch
 from recyclelora_jax.models.mask2former import NUM_LEVELS, PYRAMID_SCALES
-from recyclelora_jax.peft.layers import AdapterLayout
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,2 +1,3 @@
-"""Parameter-efficient fine-tuning: the adapted linear layer (``layers``), adapter inits
-(``init``), and attaching/merging adapters on a backbone parameter tree (``params``)."""
+"""Parameter-efficient fine-tuning on a backbone parameter tree: adapter inits (``init``) and
+attaching/merging adapters by rule (``params``); the adapted layer itself is a model part
+(``models.adapters``)."""

@@ -7,6 +7,7 @@ params are ``kernel`` (the residual once adapted), ``bias`` and ``adapter_<name>
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -23,9 +24,9 @@ from flax import traverse_util
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from recyclelora_jax.models.adapters import ADAPTER_PREFIX, AdapterLayout, AdapterSpec
 from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch, linear_layer_paths
 from recyclelora_jax.peft.init import InitResult, get_init, run_init
-from recyclelora_jax.peft.layers import ADAPTER_PREFIX, AdapterLayout, AdapterSpec
 
 Params = dict[str, Any]
 _CACHE_VERSION = "1"
@@ -55,13 +56,6 @@ class AttachRule:
         return AdapterSpec(self.ranks, self.alpha / sum(r for _, r in self.ranks))
 
 
-# The paper's setting (SPEC §3) and the SoMA baseline (SPEC §8).
-RECYCLELORA_RULES = (
-    AttachRule(r"(qkv|proj|fc1|fc2)$", "recyclelora", (("main", 32), ("sub", 4)), 1.0),
-)
-SOMA_RULES = (AttachRule(r"(qkv|proj|fc1|fc2)$", "soma", (("lora", 16),), 16.0, (8, 24)),)
-
-
 def resolve_rules(arch: DinoV2Arch, rules: Sequence[AttachRule]) -> dict[str, AttachRule]:
     """Layer path -> the first rule that matches it (layers no rule matches stay plain)."""
     for rule in rules:
@@ -76,8 +70,12 @@ def resolve_rules(arch: DinoV2Arch, rules: Sequence[AttachRule]) -> dict[str, At
         rule = next((r for r in rules if r.matches(path)), None)
         if rule is not None:
             chosen[path] = rule
-    if rules and not chosen:
-        raise ValueError(f"no attach rule matches any linear layer of {arch}")
+    idle = [r for r in rules if not any(c is r for c in chosen.values())]
+    if idle:
+        raise ValueError(
+            f"attach rules adapt no linear layer of {arch} (layers: {linear_layer_paths(arch)[:4]}"
+            f"...): {idle}"
+        )
     return chosen
 
 
@@ -86,15 +84,28 @@ def adapter_layout(arch: DinoV2Arch, rules: Sequence[AttachRule]) -> AdapterLayo
     return tuple((path, rule.spec) for path, rule in resolve_rules(arch, rules).items())
 
 
+@functools.cache
+def _plain_shapes(arch: DinoV2Arch, param_dtype: Any) -> Params:
+    model = DinoV2(arch, out_indices=(), param_dtype=param_dtype)
+    image = jax.ShapeDtypeStruct((1, arch.patch_size, arch.patch_size, 3), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), image)["params"]
+
+
 def attach_shapes(
     arch: DinoV2Arch, rules: Sequence[AttachRule], param_dtype: Any = jnp.float32
 ) -> tuple[Params, AdapterLayout]:
-    """Shapes (``jax.ShapeDtypeStruct``) of the adapted backbone params, allocating nothing."""
+    """Shapes (``jax.ShapeDtypeStruct``) of the adapted backbone params, allocating nothing:
+    the plain backbone's (traced once per architecture) plus ``a`` (in, r), ``b`` (r, out) of
+    every adapter, as ``attach`` creates them."""
     layout = adapter_layout(arch, rules)
-    model = DinoV2(arch, out_indices=(), param_dtype=param_dtype, adapters=layout)
-    image = jax.ShapeDtypeStruct((1, arch.patch_size, arch.patch_size, 3), jnp.float32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), image)
-    return shapes["params"], layout
+    flat = traverse_util.flatten_dict(_plain_shapes(arch, param_dtype), sep="/")
+    for path, spec in layout:
+        n_in, n_out = flat[f"{path}/kernel"].shape
+        for name, rank in spec.ranks:
+            prefix = f"{path}/{ADAPTER_PREFIX}{name}"
+            flat[f"{prefix}/a"] = jax.ShapeDtypeStruct((n_in, rank), jnp.float32)
+            flat[f"{prefix}/b"] = jax.ShapeDtypeStruct((rank, n_out), jnp.float32)
+    return traverse_util.unflatten_dict(flat, sep="/"), layout
 
 
 def _layer(params: Params, path: str) -> Params:

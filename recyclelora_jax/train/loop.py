@@ -24,7 +24,7 @@ import ml_collections
 import optax
 from tqdm import tqdm
 
-from recyclelora_jax import build
+from recyclelora_jax import build, recipe
 from recyclelora_jax.data.pipeline import Source, make_train_loader
 from recyclelora_jax.losses import segmentation_loss
 from recyclelora_jax.peft.params import attach
@@ -65,19 +65,19 @@ def build_run(cfg: ml_collections.ConfigDict, workdir: Path) -> Run:
     """Base weights -> adapters (host-side init, cached in the workdir) -> head -> groups."""
     mesh = make_mesh(**cfg.mesh)
     backbone, base = build.load_backbone_weights(cfg, cfg.seed)
-    plan = build.peft_plan(cfg.peft, cfg.optim, backbone.arch.depth)
+    plan = recipe.from_config(cfg, backbone.arch)
     adapted, layout = attach(
         base,
         backbone.arch,
-        plan.attach_rules,
+        plan.attach,
         seed=cfg.seed,
-        cache_dir=workdir / "init_cache" if cfg.peft.cache else None,
+        cache_dir=workdir / "init_cache" if cfg.init_cache else None,
         progress=jax.process_index() == 0,
     )
     model = build.build_segmentor(cfg, backbone, layout)
     head = build.init_head(model, cfg.data.crop_size, cfg.seed)
     params = {"backbone": adapted, "head": head}
-    labels = optim.label_params(params, plan.label_rules, plan.groups)
+    labels = optim.label_params(params, plan.labels, plan.groups)
     if jax.process_index() == 0:
         log.info("parameter groups:\n%s", optim.param_overview(params, labels))
     trainable, frozen = optim.split_trainable(params, labels)

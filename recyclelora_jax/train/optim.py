@@ -19,14 +19,15 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from recyclelora_jax.config import FROZEN
+
 Params = dict[str, Any]
-FROZEN = "frozen"
 
 
 @dataclasses.dataclass(frozen=True)
 class ParamGroup:
     """A trainable group: lr multiplier and whether it starts with the base weight decay
-    (``False`` starts at 0; with annealing it still rises toward ``wd_eta_min``, as in mmengine)."""
+    (``False`` starts at 0 and, annealed, still rises toward ``wd_eta_min``, as in mmengine)."""
 
     name: str
     lr_mult: float = 1.0
@@ -43,66 +44,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.05
     wd_eta_min: float = 1e-5
-    anneal_weight_decay: bool = True
     total_steps: int = 40_000
     lr_power: float = 0.9
     warmup_steps: int = 0
-
-
-# Label rules: (regex searched in the path, group name or FROZEN).
-# The official constructor's custom keys: only the decoder's query_embed and level_embed (and
-# norms) skip weight decay; query_feat and the pixel decoder's level embedding match no key.
-_HEAD_RULES = (
-    (r"^head/transformer_decoder/(query_embed|level_embed)$", "head_no_decay"),
-    (r"^head/.*norm", "head_no_decay"),
-    (r"^head/", "head"),
-)
-_HEAD_GROUPS = (ParamGroup("head_no_decay", 1.0, False), ParamGroup("head", 1.0, True))
-
-RECYCLELORA_RULES = (
-    (r"^backbone/.*/adapter_main/", "main"),
-    (r"^backbone/.*/adapter_sub/", "sub"),
-    (r"^backbone/", FROZEN),
-    *_HEAD_RULES,
-)
-RECYCLELORA_GROUPS = (ParamGroup("main", 1.0, False), ParamGroup("sub", 0.5, False), *_HEAD_GROUPS)
-
-FROZEN_BACKBONE_RULES = ((r"^backbone/", FROZEN), *_HEAD_RULES)
-FROZEN_BACKBONE_GROUPS = _HEAD_GROUPS
-
-
-def soma_rules(first_block: int = 8, depth: int = 24) -> tuple[tuple[str, str], ...]:
-    """SoMA (SPEC §8): adapters and biases of the adapted layers in blocks
-    ``[first_block, depth)`` train at lr ×0.5 (5e-5); the rest of the backbone is frozen."""
-    blocks = "|".join(str(i) for i in range(first_block, depth))
-    layer = rf"^backbone/blocks_({blocks})/(attn/qkv|attn/proj|mlp/fc1|mlp/fc2)/"
-    return (
-        (layer + "adapter_", "backbone"),
-        (layer + "bias$", "backbone"),
-        (r"^backbone/", FROZEN),
-        *_HEAD_RULES,
-    )
-
-
-SOMA_GROUPS = (ParamGroup("backbone", 0.5, True), *_HEAD_GROUPS)
-
-
-def full_finetune_rules() -> tuple[tuple[str, str], ...]:
-    """Full fine-tuning: the whole backbone trains (norms without weight decay)."""
-    return (
-        (r"^backbone/.*norm", "backbone_no_decay"),
-        (r"^backbone/", "backbone"),
-        *_HEAD_RULES,
-    )
-
-
-def full_finetune_groups(backbone_lr_mult: float = 0.1) -> tuple[ParamGroup, ...]:
-    """Backbone lr ×0.1 by default, the usual mmseg Mask2Former setting (SPEC leaves it open)."""
-    return (
-        ParamGroup("backbone_no_decay", backbone_lr_mult, False),
-        ParamGroup("backbone", backbone_lr_mult, True),
-        *_HEAD_GROUPS,
-    )
 
 
 def label_params(
@@ -198,10 +142,9 @@ def group_transform(cfg: OptimConfig, group: ParamGroup) -> optax.GradientTransf
     """torch-style AdamW for one group: the decay ``lr·wd·p`` is decoupled from the Adam
     direction and scaled by the group's (scheduled) learning rate."""
     start = cfg.weight_decay if group.weight_decay else 0.0
-    wd = cosine_wd(cfg, start) if cfg.anneal_weight_decay else start
     return optax.chain(
         optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps),
-        optax.add_decayed_weights(wd),
+        optax.add_decayed_weights(cosine_wd(cfg, start)),
         optax.scale_by_learning_rate(poly_lr(cfg, group.lr_mult)),
     )
 

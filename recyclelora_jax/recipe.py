@@ -1,0 +1,97 @@
+"""A config's recipe tables as the objects that act on them, for one backbone architecture.
+
+``cfg.adapters`` becomes the attach rules (``peft.params``); the labels of the adapter leaves and
+of the adapted layers' biases are derived from the layers those rules actually adapt, followed by
+``cfg.params`` (the rest of the tree); ``cfg.groups`` become the optimizer's parameter groups.
+Nothing here touches a parameter: the recipe of a 1 B-parameter model resolves from its
+architecture alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+
+import ml_collections
+
+from recyclelora_jax.models.adapters import ADAPTER_PREFIX
+from recyclelora_jax.models.dinov2 import DinoV2Arch
+from recyclelora_jax.peft.init import get_init
+from recyclelora_jax.peft.params import AttachRule, resolve_rules
+from recyclelora_jax.train.optim import FROZEN, ParamGroup
+
+LabelRule = tuple[str, str]  # (regex searched in the "/"-joined path, group name or FROZEN)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Which layers get which adapters (``attach``) and how every parameter trains (``labels``,
+    first match wins, and the ``groups`` they name)."""
+
+    attach: tuple[AttachRule, ...]
+    labels: tuple[LabelRule, ...]
+    groups: tuple[ParamGroup, ...]
+
+
+def attach_rules(adapters: Sequence[Mapping], depth: int) -> tuple[AttachRule, ...]:
+    """``cfg.adapters`` entries as rules; ranks ordered as the init creates its adapters."""
+    rules = []
+    for i, entry in enumerate(adapters):
+        names = get_init(entry["init"]).adapter_names
+        ranks = dict(entry["ranks"])
+        if sorted(ranks) != sorted(names):
+            raise ValueError(
+                f"adapters[{i}]: init {entry['init']!r} creates adapters {list(names)}, "
+                f"ranks name {sorted(ranks)}"
+            )
+        first, stop = entry["blocks"]
+        rules.append(
+            AttachRule(
+                entry["layers"],
+                entry["init"],
+                tuple((n, int(ranks[n])) for n in names),
+                float(entry["alpha"]),
+                (int(first), depth if stop is None else min(int(stop), depth)),
+            )
+        )
+    return tuple(rules)
+
+
+def adapter_labels(
+    adapters: Sequence[Mapping], rules: Sequence[AttachRule], chosen: Mapping[str, AttachRule]
+) -> tuple[LabelRule, ...]:
+    """Label rules naming exactly the adapted layers (``chosen``: path -> its rule): every
+    adapter leaf gets its entry's group, the layer's bias the entry's ``bias`` group."""
+    entry_of = {id(rule): entry for rule, entry in zip(rules, adapters, strict=True)}
+    paths: dict[tuple[str, str], list[str]] = {}
+    for path, rule in chosen.items():
+        entry = entry_of[id(rule)]
+        for name, _ in rule.ranks:
+            if name not in entry["groups"]:
+                raise ValueError(
+                    f"adapters entry {entry['init']!r} has no group for adapter {name!r} "
+                    f"(groups: {dict(entry['groups'])})"
+                )
+            key = (f"{ADAPTER_PREFIX}{name}/", entry["groups"][name])
+            paths.setdefault(key, []).append(path)
+        if entry.get("bias", FROZEN) != FROZEN:
+            paths.setdefault(("bias$", entry["bias"]), []).append(path)
+    return tuple(
+        (rf"^backbone/({'|'.join(map(re.escape, layer_paths))})/{leaf}", group)
+        for (leaf, group), layer_paths in paths.items()
+    )
+
+
+def param_groups(groups: Mapping[str, Mapping]) -> tuple[ParamGroup, ...]:
+    return tuple(
+        ParamGroup(name, float(g["lr_mult"]), bool(g["weight_decay"])) for name, g in groups.items()
+    )
+
+
+def from_config(cfg: ml_collections.ConfigDict, arch: DinoV2Arch) -> Recipe:
+    """The recipe of ``cfg`` on ``arch`` (which decides the linear layers and the depth)."""
+    rules = attach_rules(cfg.adapters, arch.depth)
+    chosen = resolve_rules(arch, rules)
+    labels = (*adapter_labels(cfg.adapters, rules, chosen), *(tuple(r) for r in cfg.params))
+    return Recipe(rules, labels, param_groups(cfg.groups))
