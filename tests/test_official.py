@@ -15,12 +15,18 @@ import transformers
 from _torch_dinov2 import TINY, fair_state_dict
 from mmengine.logging import MessageHub
 from mmengine.runner import load_checkpoint
+from scipy.stats import ks_2samp
 
 from recyclelora_jax import load_mmseg_checkpoint
 from recyclelora_jax.evaluate.inference import slide_inference
 from recyclelora_jax.models.mask2former import PixelDecoder, build_pyramid
 from recyclelora_jax.models.segmentor import Segmentor
-from recyclelora_jax.official import read_official, save_mmseg_checkpoint
+from recyclelora_jax.official import (
+    from_official,
+    model_from_state,
+    read_official,
+    save_mmseg_checkpoint,
+)
 
 TOL = 1e-4
 
@@ -240,3 +246,28 @@ def test_bad_checkpoints_name_the_key(official, tmp_path, edit, message):
     )
     with pytest.raises(ValueError, match=message):
         load_mmseg_checkpoint(tmp_path / "bad.pth")
+
+
+def test_head_init_follows_mmdet():
+    """Our head's initial weights have the distributions of mmdet's ``init_weights`` (through
+    the official key table): the same constants where mmdet sets constants (zero biases, unit
+    norms), the same std per tensor (xavier-normal of the fused 3C x C ``in_proj_weight``), and
+    pooled, the same shapes (untruncated normals, uniform FFN biases; two-sample KS test)."""
+    model = _mmseg.build(_mmseg.official_config(r_main=0, r_sub=0))
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    ours = model_from_state(state, _mmseg.official_config().to_dict())
+    theirs = _flat(from_official(ours, state)["head"])
+    images = jnp.zeros((1, 32, 32, 3))
+    mine = _flat(ours.init(jax.random.key(0), images)["params"]["head"])
+    pooled_mine, pooled_theirs = [], []
+    for k, t in theirs.items():
+        m = mine[k]
+        if np.all(t == t.flat[0]):
+            np.testing.assert_array_equal(m, t, err_msg=k)
+            continue
+        assert not np.all(m == m.flat[0]), k
+        if t.size >= 256:
+            assert abs(m.std() / t.std() - 1) < 0.15, (k, m.std(), t.std())
+            pooled_mine.append(m.ravel() / t.std())
+            pooled_theirs.append(t.ravel() / t.std())
+    assert ks_2samp(np.concatenate(pooled_mine), np.concatenate(pooled_theirs)).pvalue > 1e-3

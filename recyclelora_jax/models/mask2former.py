@@ -24,8 +24,11 @@ GN_GROUPS, GN_EPS = 32, 1e-5
 PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)  # ViT stride 16 -> strides 4, 8, 16, 32
 NUM_LEVELS = 3  # transformer levels: the three coarsest maps
 
+# mmdet's init (``Mask2FormerHead.init_weights``): torch's xavier_normal_ is untruncated; on the
+# decoder's fused ``in_proj_weight`` (3C, C) it gives q/k/v std sqrt(2 / 4C), not sqrt(2 / 2C).
 _xavier_uniform = nn.initializers.xavier_uniform()
-_xavier_normal = nn.initializers.xavier_normal()
+_xavier_normal = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")  # untruncated
+_in_proj_normal = nn.initializers.variance_scaling(0.5, "fan_in", "normal")  # untruncated
 _caffe2_xavier = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 _torch_linear = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -91,8 +94,18 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.relu(nn.Dense(self.hidden, kernel_init=self.kernel_init, name="fc1")(x))
-        h = nn.Dense(x.shape[-1], kernel_init=self.kernel_init, name="fc2")(h)
+        h = nn.Dense(
+            self.hidden,
+            kernel_init=self.kernel_init,
+            bias_init=_torch_linear_bias(x.shape[-1]),  # mmcv's FFN keeps torch's bias init
+            name="fc1",
+        )(x)
+        h = nn.Dense(
+            x.shape[-1],
+            kernel_init=self.kernel_init,
+            bias_init=_torch_linear_bias(self.hidden),
+            name="fc2",
+        )(nn.relu(h))
         return _layer_norm("final_norm")(x + h)
 
 
@@ -181,7 +194,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, q, k, v, keep=None):
         c = q.shape[-1]
-        split = lambda t, name: nn.Dense(c, kernel_init=_xavier_normal, name=name)(t).reshape(
+        split = lambda t, name: nn.Dense(c, kernel_init=_in_proj_normal, name=name)(t).reshape(
             *t.shape[:2], self.num_heads, c // self.num_heads
         )
         out = jax.nn.dot_product_attention(
