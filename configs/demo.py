@@ -57,6 +57,7 @@ def get_config(arg=None):
         data_dir=tfds_dir,
         sources=(("dg_gtav", f"train[:{num_train}]", 0, f"{tfds_dir}/gtav"),),
         crop_size=128,
+        pad_raw=False,  # as when its numbers (README) were measured
         workers=0,
     )
     c.eval.update(

@@ -9,6 +9,7 @@ from recyclelora_jax.config import apply_common_args, base_config, parse_arg
 
 def get_config(arg=None):
     c = base_config()
+    c.data.pad_raw = False  # the multi-source pipelines have no Pad step
     c.name = "gs2cbm"
     c.data.sources = (("dg_gtav", "train", 12_403), ("dg_synthia", "train", 0))
     return apply_common_args(c, parse_arg(arg))

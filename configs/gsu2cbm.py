@@ -9,6 +9,7 @@ from recyclelora_jax.config import apply_common_args, base_config, parse_arg
 
 def get_config(arg=None):
     c = base_config()
+    c.data.pad_raw = False  # the multi-source pipelines have no Pad step
     c.name = "gsu2cbm"
     c.data.sources = (
         ("dg_gtav", "train", 12_403),

@@ -145,6 +145,9 @@ def base_config() -> ml_collections.ConfigDict:
         data_dir="data/tfds",
         sources=(("dg_gtav", "train", 12_403),),  # (builder, split, random subset size or 0)
         crop_size=512,
+        # g2cbm/c2bm pad each crop to 512 in raw pixel space before the flip and the
+        # photometric distortion; the multi-source configs have no Pad step (False).
+        pad_raw=True,
         workers=4,
     )
 

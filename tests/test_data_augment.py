@@ -207,3 +207,36 @@ def test_small_images_are_padded_with_ignore():
     assert img.shape == (600, 600, 3) and lab.dtype == np.int32
     assert (lab[h:] == 255).all() and (lab[:, w:] == 255).all() and (lab[:h, :w] < 255).all()
     assert (img[h:] == 0).all() and (img[:, w:] == 0).all()
+
+
+def test_raw_padding_is_mmcv_pad_then_flip_and_photometric():
+    """g2cbm/c2bm: the crop is padded as mmcv's ``Pad(size, pad_val=dict(img=0, seg=255))``
+    does, in raw pixel space, before the flip and the photometric distortion: padded pixels
+    are black shifted by the distortion (not the normalised 0), and can end up on the left."""
+    import _mmseg  # noqa: F401  (mmcv importable without its compiled kernels)
+    from mmcv.transforms import Pad
+
+    from recyclelora_jax.data.transforms import MEAN, STD, pad, train_augment
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (20, 27, 3), dtype=np.uint8)
+    label = rng.integers(0, 19, (20, 27), dtype=np.uint8)
+    ref = Pad(size=(32, 32), pad_val=dict(img=0, seg=255))(
+        dict(img=image, gt_seg_map=label, seg_fields=["gt_seg_map"], img_shape=(20, 27))
+    )
+    ours = pad(image, label, (32, 32))
+    np.testing.assert_array_equal(ours[0], ref["img"])
+    np.testing.assert_array_equal(ours[1], ref["gt_seg_map"])
+
+    left, shifted = 0, 0
+    for seed in range(16):
+        img, lab = train_augment(
+            image, label, np.random.default_rng(seed), (32, 32), (16,), 64, pad_raw=True
+        )
+        padded = lab == 255
+        assert padded.any()  # a 16-px shorter side never fills the 32-px crop
+        left += bool(padded[:, 0].all())
+        black = np.round(img[padded] * STD + MEAN)
+        assert (black == black[0]).all()  # one colour: black after this crop's distortion
+        shifted += bool(black[0].any())
+    assert left and left < 16 and shifted  # flipped to the left sometimes; brightness moves it

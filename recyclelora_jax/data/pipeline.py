@@ -93,8 +93,9 @@ class TrainAugment(grain.RandomMapTransform):
     side ≤ 2048), so smaller crops (smoke runs, the demo) keep the same zoom range.
     """
 
-    def __init__(self, crop_size: tuple[int, int]):
+    def __init__(self, crop_size: tuple[int, int], pad_raw: bool = False):
         self.crop_size = tuple(crop_size)
+        self.pad_raw = pad_raw
         self.scales = transforms.scales_for(min(self.crop_size))
         self.max_size = 4 * min(self.crop_size)
 
@@ -103,7 +104,7 @@ class TrainAugment(grain.RandomMapTransform):
         image = codecs.decode_image(element["image"], name)
         label = codecs.decode_label(element["label"], name)
         image, label = transforms.train_augment(
-            image, label, rng, self.crop_size, self.scales, self.max_size
+            image, label, rng, self.crop_size, self.scales, self.max_size, pad_raw=self.pad_raw
         )
         return {"image": image, "label": label}
 
@@ -199,6 +200,7 @@ def make_train_loader(
     *,
     batch_size: int,
     crop_size: tuple[int, int] = (512, 512),
+    pad_raw: bool = False,
     seed: int = 0,
     num_workers: int = 0,
     shard_index: int | None = None,
@@ -224,7 +226,7 @@ def make_train_loader(
     examples = grain.DataLoader(
         data_source=data,
         sampler=sampler,
-        operations=[TrainAugment(crop_size)],
+        operations=[TrainAugment(crop_size, pad_raw)],
         worker_count=num_workers,
         worker_buffer_size=worker_buffer_size * batch_size,
     )

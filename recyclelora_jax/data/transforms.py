@@ -117,8 +117,8 @@ def normalize(img: np.ndarray) -> np.ndarray:
 
 
 def pad(image: np.ndarray, label: np.ndarray, size: tuple[int, int]):
-    """Pads bottom/right to `size`: image 0 (after normalisation, as mmseg's data preprocessor
-    does), label 255."""
+    """Pads bottom/right to `size`: image 0 (raw black in a pipeline's ``Pad`` step, the mean
+    colour after normalisation in mmseg's data preprocessor), label 255."""
     ph, pw = size[0] - label.shape[0], size[1] - label.shape[1]
     image = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=0)
     return image, np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
@@ -132,9 +132,14 @@ def train_augment(
     scales: tuple[int, ...] = SCALES,
     max_size: int = 2048,
     cat_max_ratio: float = 0.75,
+    pad_raw: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Resize (random shorter side) → crop → flip → photometric → normalise → pad.
+    """Resize (random shorter side) → crop → [pad] → flip → photometric → normalise → pad.
 
+    ``pad_raw``: the g2cbm/c2bm pipelines' ``Pad`` step right after the crop, in raw pixel
+    space (black, label 255), so the padding can end up on the left and gets the photometric
+    shift; without it (the multi-source pipelines) only the data preprocessor pads, after
+    normalisation, with 0 at the bottom/right.
     Returns (crop_size + (3,)) float32 and (crop_size) int32 (255 = ignore).
     """
     short = scales[int(rng.integers(len(scales)))]
@@ -142,6 +147,8 @@ def train_augment(
     y, x = crop_box(label, crop_size, rng, cat_max_ratio)
     image = image[y : y + crop_size[0], x : x + crop_size[1]]
     label = label[y : y + crop_size[0], x : x + crop_size[1]]
+    if pad_raw:
+        image, label = pad(image, label, crop_size)
     if rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
     image = photometric_distortion(np.ascontiguousarray(image), rng)

@@ -190,6 +190,7 @@ def train(
         [Source(b, s, _data_dir(cfg, d), n) for b, s, n, d in _sources(cfg)],
         batch_size=local_batch,
         crop_size=(cfg.data.crop_size, cfg.data.crop_size),
+        pad_raw=cfg.data.get("pad_raw", False),  # configs written before the option: off
         seed=cfg.seed,
         num_workers=cfg.data.workers,
     )
