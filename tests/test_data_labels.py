@@ -99,6 +99,7 @@ def test_mapillary_config_maps_by_spec_rules(tmp_path):
         "object--support--pole": "pole", "object--support--utility-pole": "pole",
         "object--street-light": "pole", "object--traffic-light": "traffic light",
         "object--traffic-sign--front": "traffic sign", "object--traffic-sign--back": "traffic sign",
+        "object--support--traffic-sign-frame": "traffic sign",  # the official conversion's rule
         "nature--vegetation": "vegetation", "nature--terrain": "terrain", "nature--sky": "sky",
         "human--person": "person", "human--rider--bicyclist": "rider",
         "human--rider--motorcyclist": "rider", "human--rider--other-rider": "rider",
@@ -110,6 +111,12 @@ def test_mapillary_config_maps_by_spec_rules(tmp_path):
         want = labels.CLASS_NAMES.index(rules[name]) if name in rules else 255
         assert table.lut[i] == want, name
     assert table.valid[:66].all() and not table.valid[66:].any()
+    old_rule = labels.mapillary_table(names, sign_frame=False)
+    frame = names.index("object--support--traffic-sign-frame")
+    assert (
+        old_rule.lut[frame] == 255
+        and (np.delete(old_rule.lut, frame) == np.delete(table.lut, frame)).all()
+    )
     with pytest.raises(ValueError, match="66"):
         table.map(np.array([[66]], np.uint8), "x.png")
 

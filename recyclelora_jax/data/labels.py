@@ -97,6 +97,7 @@ MAPILLARY_NAME_TO_CLASS = {
     "object--traffic-light": "traffic light",
     "object--traffic-sign--front": "traffic sign",
     "object--traffic-sign--back": "traffic sign",
+    "object--support--traffic-sign-frame": "traffic sign",  # the official conversion's rule
     "nature--vegetation": "vegetation",
     "nature--terrain": "terrain",
     "nature--sky": "sky",
@@ -118,15 +119,17 @@ MAPILLARY_V12_IGNORED = (
     "nature--sand", "nature--snow", "nature--water", "object--banner", "object--bench",
     "object--bike-rack", "object--billboard", "object--catch-basin", "object--cctv-camera",
     "object--fire-hydrant", "object--junction-box", "object--mailbox", "object--manhole",
-    "object--phone-booth", "object--pothole", "object--support--traffic-sign-frame",
-    "object--trash-can", "object--vehicle--boat", "object--vehicle--caravan",
+    "object--phone-booth", "object--pothole", "object--trash-can", "object--vehicle--boat",
+    "object--vehicle--caravan",
     "object--vehicle--other-vehicle", "object--vehicle--trailer", "object--vehicle--wheeled-slow",
     "void--car-mount", "void--ego-vehicle", "void--unlabeled",
 )  # fmt: skip
 
 
-def mapillary_table(class_names: list[str]) -> LabelTable:
-    """Table for a Vistas `config.json` whose i-th label has name `class_names[i]` (v1.2)."""
+def mapillary_table(class_names: list[str], sign_frame: bool = True) -> LabelTable:
+    """Table for a Vistas `config.json` whose i-th label has name `class_names[i]` (v1.2).
+    `sign_frame=False` ignores traffic-sign frames (this project's rule before it followed the
+    official conversion, which counts them as traffic sign)."""
     unknown = [n for n in class_names if n not in MAPILLARY_NAME_TO_CLASS]
     unknown = [n for n in unknown if n not in MAPILLARY_V12_IGNORED]
     if unknown:
@@ -135,5 +138,6 @@ def mapillary_table(class_names: list[str]) -> LabelTable:
         i: CLASS_NAMES.index(MAPILLARY_NAME_TO_CLASS[n])
         for i, n in enumerate(class_names)
         if n in MAPILLARY_NAME_TO_CLASS
+        and (sign_frame or n != "object--support--traffic-sign-frame")
     }
     return make_table("Mapillary Vistas v1.2", mapping, range(len(class_names)))
