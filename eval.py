@@ -1,5 +1,6 @@
 """Evaluate a trained segmentor: ``python eval.py --workdir runs/x`` (latest checkpoint) or
-``--checkpoint runs/x/checkpoints/4000`` or ``--checkpoint model.safetensors`` (an export).
+``--checkpoint runs/x/checkpoints/4000`` or ``--checkpoint model.safetensors`` (an export), or a
+checkpoint of the official PyTorch code: ``--checkpoint iter_40000.pth`` (the g2cbm targets).
 
 Prints the per-class IoU table of every target dataset of the run's config (sliding window
 512/341 by default) and writes ``eval.json`` (per-dataset ``miou``, per-class ``iou``,
@@ -16,8 +17,12 @@ from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (latest checkpoint).")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "A checkpoint step directory of a run, or an exported .safetensors file."
+    "checkpoint",
+    None,
+    "A checkpoint step directory of a run, an exported .safetensors file, or a checkpoint of "
+    "the official code (mmseg .pth, or its state dict as .safetensors).",
 )
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the TFDS datasets are (default: config).")
 _OUT = flags.DEFINE_string("out", None, "Where to write eval.json and pictures (default: run dir).")
 _DATASETS = flags.DEFINE_list(
     "datasets", None, "Evaluate only these of the config's datasets (by display name)."
@@ -34,9 +39,30 @@ _IMAGES = flags.DEFINE_string(
 _SKIP_EVAL = flags.DEFINE_bool("skip_eval", False, "Only export / segment images.")
 
 
+def _is_official(path: Path) -> bool:
+    """A checkpoint of the official code: a .pth, or a .safetensors that is not our export."""
+    if path.suffix in (".pth", ".pt"):
+        return True
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    import safetensors
+
+    from recyclelora_jax.export import FORMAT_TAG
+
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+        return (f.metadata() or {}).get("format") != FORMAT_TAG
+
+
 def _load():
     from recyclelora_jax.export import load_export, load_trained
 
+    if _CHECKPOINT.value and _is_official(Path(_CHECKPOINT.value)):
+        from recyclelora_jax import load_mmseg_checkpoint
+        from recyclelora_jax.config import base_config
+
+        path = Path(_CHECKPOINT.value)
+        model, params = load_mmseg_checkpoint(path)
+        return model, params, base_config(), path.parent
     if _CHECKPOINT.value and _CHECKPOINT.value.endswith(".safetensors"):
         path = Path(_CHECKPOINT.value)
         model, params, cfg = load_export(path)
@@ -70,6 +96,8 @@ def main(argv: list[str]) -> None:
         save_export(_EXPORT.value, model, params, cfg)
         print(f"merged inference model written to {_EXPORT.value}")
     cfg = cfg.unlock()
+    if _DATA_DIR.value:
+        cfg.data.data_dir = _DATA_DIR.value
     if _MAX_IMAGES.value is not None:
         cfg.eval.max_images = _MAX_IMAGES.value
     if _MODE.value:

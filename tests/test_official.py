@@ -271,3 +271,26 @@ def test_head_init_follows_mmdet():
             pooled_mine.append(m.ravel() / t.std())
             pooled_theirs.append(t.ravel() / t.std())
     assert ks_2samp(np.concatenate(pooled_mine), np.concatenate(pooled_theirs)).pvalue > 1e-3
+
+
+def test_eval_py_segments_a_folder_with_an_official_checkpoint(official, tmp_path):
+    """``eval.py --checkpoint iter_40000.pth --images DIR``: the official checkpoint segments
+    a folder (ids PNG at the photo's size, labels within the checkpoint's classes)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    path = official[3]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rgb = np.random.default_rng(5).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(photos / "street.png")
+    repo = Path(__file__).resolve().parent.parent
+    args = [sys.executable, str(repo / "eval.py"), f"--checkpoint={path}",
+            f"--images={photos}", f"--out={tmp_path / 'out'}"]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ids = np.asarray(Image.open(tmp_path / "out" / "images" / "street_ids.png"))
+    assert ids.shape == (24, 40) and ids.max() < _mmseg.NUM_CLASSES
