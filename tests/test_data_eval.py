@@ -76,3 +76,30 @@ def test_eval_shards_are_disjoint_and_cover(val_data):
         for i in (0, 1)
     ]  # fmt: skip
     assert not set(names[0]) & set(names[1]) and len(names[0]) + len(names[1]) == 5
+
+
+def test_mapillary_halving_is_the_official_tool():
+    """The official ``mapillary_resize``: PIL antialiased bicubic to (W // 2, H // 2) saved as
+    JPEG quality 75, labels PIL nearest (pixels 2i + 1); odd sizes round down."""
+    import io
+
+    import cv2
+    from PIL import Image
+
+    from recyclelora_jax.data.convert import halve
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (31, 41, 3), dtype=np.uint8)
+    label = rng.integers(0, 19, (31, 41), dtype=np.uint8)
+    got_image, got_label = halve(image, label)
+    small = Image.fromarray(image).resize((20, 15), Image.Resampling.BICUBIC)
+    jpeg = io.BytesIO()
+    small.save(jpeg, format="JPEG", quality=75)
+    want = cv2.imdecode(np.frombuffer(jpeg.getvalue(), np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(got_image, cv2.cvtColor(want, cv2.COLOR_BGR2RGB))
+    np.testing.assert_array_equal(got_label, label[1::2, 1::2][:15, :20])
+    np.testing.assert_array_equal(
+        got_label, np.asarray(Image.fromarray(label).resize((20, 15), Image.Resampling.NEAREST))
+    )
+    old_image, old_label = halve(image, label, mode="opencv")  # the earlier rule stays available
+    assert old_image.shape == (16, 21, 3) and old_label.shape == (16, 21)  # sizes rounded

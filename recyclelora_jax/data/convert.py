@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -23,6 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 import tqdm
+from PIL import Image
 
 from recyclelora_jax.data import codecs
 from recyclelora_jax.data.labels import LabelTable
@@ -46,15 +48,31 @@ class ConvertTask:
 
     table: LabelTable
     read_label: Callable[[bytes, str], np.ndarray] = codecs.decode_label
-    halve: bool = False  # Mapillary evaluation protocol: image bicubic, label nearest, ×0.5
+    halve: bool = False  # Mapillary evaluation protocol: `halve` (the official tool's rule)
 
 
-def halve(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Half resolution (sizes rounded like mmcv `rescale`): image bicubic, label nearest."""
+def halve(
+    image: np.ndarray, label: np.ndarray, mode: str = "official"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mapillary at half resolution. ``official``: the release's ``mapillary_resize`` tool -- PIL
+    antialiased bicubic to ``(W // 2, H // 2)``, saved as JPEG quality 75 (here: the pixels that
+    file decodes to, with OpenCV as mmseg reads it), labels PIL nearest (pixel 2i + 1).
+    ``opencv``: this project's earlier rule -- sizes rounded like mmcv ``rescale``, OpenCV cubic
+    without antialias, no JPEG, nearest at pixel 2i."""
     h, w = label.shape
-    size = (int(w * 0.5 + 0.5), int(h * 0.5 + 0.5))
-    image = cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
-    return image, cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+    if mode == "opencv":
+        size = (int(w * 0.5 + 0.5), int(h * 0.5 + 0.5))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
+        return image, cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+    if mode != "official":
+        raise ValueError(f"unknown halving mode {mode!r} (official or opencv)")
+    size = (w // 2, h // 2)
+    small = Image.fromarray(image).resize(size, Image.Resampling.BICUBIC)
+    jpeg = io.BytesIO()
+    small.save(jpeg, format="JPEG", quality=75)
+    image = codecs.decode_image(jpeg.getvalue(), "<halved image>")
+    label = np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST))
+    return image, label
 
 
 def convert_pair(pair: Pair, task: ConvertTask) -> dict:
@@ -125,7 +143,8 @@ def _read_chunk(path: Path) -> dict | None:
 
 def _chunk_key(pairs: Sequence[Pair], task: ConvertTask) -> str:
     """Names a chunk by its inputs (paths, sizes, mtimes) and options: stale caches go unused."""
-    h = hashlib.sha1(repr((task.table.name, task.table.lut.tobytes(), task.halve)).encode())
+    halving = task.halve and "official"  # the halving rule changed: caches of the old one unused
+    h = hashlib.sha1(repr((task.table.name, task.table.lut.tobytes(), halving)).encode())
     for p in pairs:
         for f in (p.image, p.label):
             st = f.stat()
