@@ -140,6 +140,98 @@ def column_norm_ratios(
     return ratios
 
 
+def principal_components(x: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PCA of the rows of ``x`` (N, C): the first ``k`` components (k, C), the centred rows'
+    projections on them (N, k) and their explained-variance ratios (k,). Each component's sign
+    is fixed so that its largest-magnitude loading is positive (SVD leaves it arbitrary)."""
+    centred = np.asarray(x, np.float64) - np.mean(x, 0, dtype=np.float64)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    components = vt[:k]
+    pivots = np.abs(components).argmax(1)
+    components = components * np.sign(components[np.arange(len(components)), pivots])[:, None]
+    variance = s**2
+    return components, centred @ components.T, variance[:k] / max(variance.sum(), 1e-300)
+
+
+def without_adapter(backbone: Params, name: str) -> Params:
+    """The backbone tree with every ``name`` adapter's branch removed (its ``b`` zeroed)."""
+    if isinstance(backbone, dict):
+        return {
+            k: {**v, "b": np.zeros_like(v["b"])}
+            if k == ADAPTER_PREFIX + name
+            else without_adapter(v, name)
+            for k, v in backbone.items()
+        }
+    return backbone
+
+
+def feature_change(backbone: DinoV2, params: Params, image: np.ndarray, name: str) -> np.ndarray:
+    """What adapter ``name`` changes: the backbone's last output feature map on ``image``
+    (1, H, W, 3 normalised) with all adapters minus the same without ``name``'s branch,
+    (gh, gw, C)."""
+
+    def last(p: Params) -> np.ndarray:
+        return np.asarray(backbone.apply({"params": p}, image)["features"][-1][0], np.float64)
+
+    return last(params) - last(without_adapter(params, name))
+
+
+def change_rgb(change: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first three principal components of a (gh, gw, C) map as RGB in [0, 1] (each
+    component min-max scaled), and their explained-variance ratios."""
+    gh, gw, c = change.shape
+    _, projected, ratios = principal_components(change.reshape(gh * gw, c), 3)
+    lo, hi = projected.min(0), projected.max(0)
+    rgb = (projected - lo) / np.where(hi > lo, hi - lo, 1.0)
+    return rgb.reshape(gh, gw, -1), ratios
+
+
+def plot_feature_change(
+    image: np.ndarray, rgb: np.ndarray, ratios: np.ndarray, title: str, file: Path
+) -> None:
+    """The image beside its feature change's first three principal components as RGB."""
+    fig = Figure(figsize=(8, 2.4 + 2.4 * image.shape[0] / image.shape[1]))
+    left, right = fig.subplots(1, 2)
+    left.imshow(image)
+    left.set_title("image")
+    right.imshow(rgb, interpolation="nearest")
+    shares = ", ".join(f"{100 * r:.0f}" for r in ratios)
+    right.set_title(f"{title}: PCs 1-3 as RGB ({shares} % of variance)")
+    for ax in (left, right):
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+
+
+def feature_change_figures(run: Path, image_file: Path, out: Path) -> dict[str, list[float]]:
+    """One ``feature_change_<adapter>.png`` per adapter of the trained run in ``run`` (its
+    workdir) on ``image_file``; returns each adapter's explained-variance ratios."""
+    from PIL import Image
+
+    from recyclelora_jax.data.transforms import normalize
+    from recyclelora_jax.export import load_trained
+
+    model, params, _ = load_trained(run)
+    backbone = model.backbone
+    names = sorted({n for _, spec in backbone.adapters for n, _ in spec.ranks})
+    if not names:
+        raise ValueError(f"the run in {run} has no adapters (method frozen or full?)")
+    with Image.open(image_file) as im:
+        image = np.asarray(im.convert("RGB"))
+    p = backbone.arch.patch_size
+    image = image[: image.shape[0] // p * p, : image.shape[1] // p * p]
+    batch = normalize(image)[None]
+    tree = jax.device_get(params["backbone"])
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for name in names:
+        rgb, ratios = change_rgb(feature_change(backbone, tree, batch, name))
+        file = out / f"feature_change_{name}.png"
+        plot_feature_change(image, rgb, ratios, f"{name} adapter", file)
+        summary[name] = [float(r) for r in ratios]
+    return summary
+
+
 def plot_similarity(params: Params, layout: AdapterLayout, path: str, title: str, file: Path):
     """Cosine-similarity heatmaps of the rows of ``A`` and columns of ``B`` of layer ``path``."""
     spec = dict(layout).get(path)
@@ -244,12 +336,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trained-method", default="recyclelora", help="init of the trained tree")
     p.add_argument("--cache-dir", help="cache of initialised layers (peft.params.attach)")
+    p.add_argument(
+        "--run",
+        type=Path,
+        help="a training workdir: with --image, draw what each of its adapters changes in the "
+        "backbone's features (PCA of the difference with / without the adapter)",
+    )
+    p.add_argument("--image", type=Path, help="RGB image for the --run feature-change figures")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.run or args.image:
+        if not (args.run and args.image):
+            raise SystemExit("--run and --image go together")
+        summary = {"feature_change": feature_change_figures(args.run, args.image, args.out)}
+        (args.out / "feature_change.json").write_text(json.dumps(summary, indent=1))
+        for name, ratios in summary["feature_change"].items():
+            print(f"{name}: PCs 1-3 explain {', '.join(f'{100 * r:.1f}' for r in ratios)} %")
+        return summary
     arch, backbone, source = _backbone(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.trained and args.trained_method not in methods:

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 import scipy.linalg
+from _peft_fixtures import TINY, tiny_backbone
 from _torch_dinov2 import reference_model, save_hub
 
 from recyclelora_jax import analysis
@@ -95,3 +96,55 @@ def test_cli_compares_inits_and_analyses_a_trained_tree(tmp_path):
     ratio = summary["trained"]["init_column_norm_ratio"]
     assert len(ratio["layers"]) == 12 and ratio["mean"] > 1.5
     assert summary["backbone"] == str(checkpoint)
+
+
+def test_principal_components_against_numpy_svd_and_the_covariance():
+    rng = np.random.default_rng(3)
+    # 200 points near a 3-d subspace of R^24, with an offset: PCA must centre them.
+    x = rng.standard_normal((200, 3)) * [5.0, 3.0, 2.0] @ rng.standard_normal((3, 24))
+    x += 0.1 * rng.standard_normal((200, 24)) + 7.0
+    components, projected, ratios = analysis.principal_components(x, 3)
+    centred = x - x.mean(0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    signs = np.sign((components * vt[:3]).sum(1))
+    np.testing.assert_allclose(components, signs[:, None] * vt[:3], atol=1e-12)
+    np.testing.assert_allclose(projected, centred @ components.T, atol=1e-10)
+    np.testing.assert_allclose(ratios, s[:3] ** 2 / (s**2).sum(), rtol=1e-12)
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(x.T, bias=True))
+    np.testing.assert_allclose(projected.var(0), eigenvalues[::-1][:3], rtol=1e-10)
+    np.testing.assert_allclose(
+        np.abs(components @ eigenvectors[:, ::-1][:, :3]), np.eye(3), atol=1e-8
+    )
+    pivot = np.abs(components).argmax(1)
+    assert (components[np.arange(3), pivot] > 0).all()  # the documented sign convention
+    rgb, _ = analysis.change_rgb(x.reshape(10, 20, 24))
+    assert rgb.shape == (10, 20, 3) and rgb.min() == 0.0 and rgb.max() == 1.0
+
+
+def test_feature_change_is_the_adapters_branch():
+    """Removing the main adapter equals the backbone whose kernels hold only the residual and
+    the sub adapter (merged independently with peft.params.merge)."""
+    from recyclelora_jax.models.adapters import AdapterSpec
+    from recyclelora_jax.models.dinov2 import DinoV2
+    from recyclelora_jax.peft.params import merge
+
+    backbone, images = tiny_backbone()
+    rule = AttachRule(r"(qkv|proj|fc1|fc2)$", "recyclelora", (("main", 8), ("sub", 2)))
+    params, layout = attach(backbone, TINY, [rule], progress=False)
+    params = jax.tree.map(np.asarray, params)
+    rng = np.random.default_rng(4)
+    for path, _ in layout:  # "training": move every adapter off its init
+        for name in ("main", "sub"):
+            pair = analysis._layer(params, path)[f"adapter_{name}"]
+            pair["b"] = pair["b"] + 0.05 * rng.standard_normal(pair["b"].shape)
+    model = DinoV2(TINY, out_indices=(1, 3), layerscale_init=1.0, adapters=layout)
+    change = analysis.feature_change(model, params, images[:1], "main")
+    sub_only = tuple((path, AdapterSpec((("sub", 2),), spec.scale)) for path, spec in layout)
+    stripped = jax.tree.map(lambda x: x, params)
+    for path, _ in layout:
+        del analysis._layer(stripped, path)["adapter_main"]
+    plain = DinoV2(TINY, out_indices=(1, 3), layerscale_init=1.0)
+    without = plain.apply({"params": merge(stripped, sub_only)}, images[:1])["features"][-1][0]
+    full = model.apply({"params": params}, images[:1])["features"][-1][0]
+    np.testing.assert_allclose(change, np.asarray(full) - np.asarray(without), atol=2e-5)
+    assert np.abs(change).max() > 1e-2  # the branch matters
