@@ -80,10 +80,10 @@ def test_matches_reference_with_list_and_array_labels():
 
 
 @pytest.mark.parametrize("mode", ["slide", "whole"])
-def test_sharded_batch(mode):
+def test_sharded_batch(mode, mesh8):
     batch = make_batch(8, (36, 44), [(50, 60)] * 8)
     expected, _ = reference_confusion([batch], mode)
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = mesh8
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     sharded = {
         "image": jax.device_put(batch["image"], sharding),

@@ -94,9 +94,9 @@ def test_pixelwise_model_slide_equals_whole_and_compiles_once():
         assert predict._cache_size() == 1
 
 
-def test_slide_inference_on_sharded_batch():
+def test_slide_inference_on_sharded_batch(mesh8):
     images = RNG.normal(size=(8, 70, 90, 3)).astype(np.float32)
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = mesh8
     sharded = jax.device_put(images, NamedSharding(mesh, PartitionSpec("data")))
     ours = slide_inference(context_predict, sharded, crop=64, stride=43, windows_per_call=2)
     assert ours.sharding.spec == PartitionSpec("data")  # windows are cut and summed per device

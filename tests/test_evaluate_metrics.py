@@ -76,9 +76,9 @@ def test_confusion_and_miou_match_cityscapesscripts(tmp_path):
     assert mean_iou(ours) == round(cs_eval.getScoreAverage(ref_iou, args) * 100, 2)
 
 
-def test_confusion_matrix_on_sharded_batch_matches_numpy():
+def test_confusion_matrix_on_sharded_batch_matches_numpy(mesh8):
     labels, preds = _random_maps(1, (8, 16, 24))
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = mesh8
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     args = (jax.device_put(labels, sharding), jax.device_put(preds, sharding))
     sharded = confusion_matrix(*args, num_classes=K)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from recyclelora_jax.losses import LossConfig, segmentation_loss
 from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
@@ -74,7 +74,7 @@ def test_build_head_unknown():
         build_head("fcn", K)
 
 
-def test_sharded_grad_equals_single_device():
+def test_sharded_grad_equals_single_device(mesh8):
     """jax.grad on a batch sharded over 8 simulated devices == one device, within 1e-5
     (matching, point sampling and the batch-wide normalisers included)."""
     model = _model("mask2former")
@@ -87,7 +87,7 @@ def test_sharded_grad_equals_single_device():
 
     step = jax.jit(jax.value_and_grad(loss))
     single = step(params, images, labels)
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    mesh = mesh8
     shard = NamedSharding(mesh, PartitionSpec("data"))
     with jax.set_mesh(mesh):
         sharded = step(params, jax.device_put(images, shard), jax.device_put(labels, shard))

@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_helpers import REPO, losses, make_data, tiny_config, write_config_file
+from PIL import Image
+from train_helpers import REPO, losses, make_data, run_cli, tiny_config, write_config_file
 
-from recyclelora_jax import build
+from recyclelora_jax import build, runner
 from recyclelora_jax.config import base_config
 from recyclelora_jax.data import pipeline
 from recyclelora_jax.evaluate.suite import PredictionSaver, evaluate_suite
@@ -72,6 +73,26 @@ def test_sharded_losses_equal_single_device(reference_run, data, tmp_path, mesh)
     assert got.keys() == want.keys()
     for step in want:
         assert abs(got[step] - want[step]) <= 1e-5 * max(1.0, abs(want[step])), (step, got, want)
+
+
+def test_fsdp_splits_parameters_and_optimizer_state(data, tmp_path):
+    """On a (data 4, fsdp 2) mesh every leaf of 4096 values or more (frozen kernels, the head's
+    classifier, their Adam moments) is stored in halves: each device holds a shard, not a copy."""
+    cfg = tiny_config(data)
+    cfg.mesh.update(data=4, fsdp=2)
+    run = build_run(cfg, tmp_path)
+    opt_state = init_opt_state(run)
+
+    def split(x) -> bool:
+        shard = x.addressable_shards[0].data.shape
+        return np.prod(shard) * 2 == np.prod(x.shape) and len(x.sharding.device_set) == 8
+
+    for name, tree in (("frozen", run.frozen), ("trainable", run.trainable), ("opt", opt_state)):
+        large = [x for x in jax.tree.leaves(tree) if x.size >= 2**12]  # smaller stay replicated
+        assert large, name
+        assert all(map(split, large)), (name, [x.sharding.spec for x in large])
+    qkv = run.frozen["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"]
+    assert qkv.addressable_shards[0].data.shape in ((64, 384), (128, 192))
 
 
 def test_sigkill_then_restart_reproduces_the_uninterrupted_run(reference_run, tmp_path):
@@ -325,10 +346,12 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one(reference_run, data, tmp_path):
-    cfg = tiny_config(data, steps=3)
+    """Losses and the final evaluation (both datasets, every class IoU) of two processes equal
+    one process's."""
+    cfg = tiny_config(data, steps=3, eval_every=3)
     single = tmp_path / "single"
     cfg.mesh.update(data=1, fsdp=1)
-    train(cfg, single)
+    runner.run(cfg, single)
     cfg.mesh.update(data=-1, fsdp=1)
     config_file = write_config_file(tmp_path / "cfg.py", cfg)
     port = _free_port()
@@ -358,6 +381,81 @@ def test_two_processes_match_one(reference_run, data, tmp_path):
     assert got.keys() == want.keys() == {1, 2, 3}
     for step in want:
         assert abs(got[step] - want[step]) <= 1e-5 * max(1.0, abs(want[step])), (got, want)
+    got, want = (_evaluation_rows(d) for d in (tmp_path / "multi", single))
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [3]
+    assert set(got[0]["miou"]) == {"synthetic", "photo"}
+    for name, value in want[0]["miou"].items():
+        assert got[0]["miou"][name] == pytest.approx(value, abs=1e-3), (name, got, want)
+
+
+def _evaluation_rows(workdir: Path) -> list[dict]:
+    rows = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "miou" in r]
+
+
+def test_sigterm_checkpoints_stops_and_resumes_exactly(reference_run, data, tmp_path):
+    """SIGTERM during step 3 (sent from the evaluation callback): the run checkpoints step 3 and
+    stops there; the restarted run ends with the uninterrupted run's losses and adapters."""
+    cfg, ref_dir = reference_run
+    steps_seen = []
+
+    def preempt(run, params, step):
+        steps_seen.append(step)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {"miou": {}, "mean_miou": 0.0}
+
+    stopped = copy.deepcopy(cfg)
+    stopped.train.eval_every = 3
+    train(stopped, tmp_path, preempt)
+    assert steps_seen == [3]
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    assert ckpt.latest_step() == 3 and ckpt.manager.all_steps() == [2, 3]
+    ckpt.close()
+    assert max(losses(tmp_path)) == 3
+    train(cfg, tmp_path)
+    assert losses(tmp_path) == losses(ref_dir)
+    got, want = _trained_adapters(tmp_path, cfg), _trained_adapters(ref_dir, cfg)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_eval_cli_end_to_end(reference_run, data, tmp_path):
+    """eval.py on the run's workdir (one dataset, with an export), on the export (the same
+    eval.json), and on a step directory with --images (a segmentation per image)."""
+    _, ref_dir = reference_run
+    env = {**os.environ, "XLA_FLAGS": ""}
+    eval_py = [sys.executable, str(REPO / "eval.py")]
+    first = run_cli(
+        [*eval_py, f"--workdir={ref_dir}", f"--out={tmp_path / 'a'}", "--datasets=photo",
+         f"--export={tmp_path / 'model.safetensors'}", "--max_images=2"],
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = json.loads((tmp_path / "a" / "eval.json").read_text())
+    assert set(results["miou"]) == {"photo"} and len(results["iou"]["photo"]) == 19
+    assert results["mean_miou"] == pytest.approx(results["miou"]["photo"])
+    assert "photo" in first.stdout and (tmp_path / "model.safetensors").stat().st_size > 0
+    second = run_cli(
+        [*eval_py, f"--checkpoint={tmp_path / 'model.safetensors'}", f"--out={tmp_path / 'b'}",
+         "--datasets=photo", "--max_images=2"],
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads((tmp_path / "b" / "eval.json").read_text()) == results
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i, size in enumerate([(40, 60), (50, 30)]):
+        pixels = np.random.default_rng(i).integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"p{i}.png")
+    third = run_cli(
+        [*eval_py, f"--checkpoint={ref_dir / 'checkpoints' / '2'}", f"--out={tmp_path / 'c'}",
+         f"--images={images}"],
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert third.returncode == 0, third.stderr[-3000:]
+    for i, size in enumerate([(40, 60), (50, 30)]):
+        with Image.open(tmp_path / "c" / "images" / f"p{i}_ids.png") as ids:
+            assert ids.size == size[::-1] and np.asarray(ids).max() < 19
+    assert not (tmp_path / "c" / "eval.json").exists()
 
 
 def test_config_schedules_follow_the_reference_formulas():

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import ml_collections
@@ -54,3 +59,25 @@ def write_config_file(path: Path, cfg: ml_collections.ConfigDict) -> Path:
         f"    return ml_collections.ConfigDict({cfg.to_dict()!r})\n"
     )
     return path
+
+
+@contextlib.contextmanager
+def process_group(command: Sequence[str], **kwargs) -> Iterator[subprocess.Popen]:
+    """``Popen`` in its own session; on leaving (a failed assert, a timeout) the whole process
+    group is killed, so no train.py or grain worker outlives its test."""
+    proc = subprocess.Popen(command, start_new_session=True, **kwargs)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_cli(command: Sequence[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` with captured text output that kills the process group on timeout."""
+    with process_group(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    ) as proc:
+        out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
