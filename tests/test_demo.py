@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
-from train_helpers import REPO
+from train_helpers import REPO, run_cli
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    result = subprocess.run(
+    result = run_cli(
         [sys.executable, str(REPO / "train.py"), "--config", f"{REPO}/configs/demo.py:quick"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
         timeout=900,
+        cwd=tmp_path,
         env={**os.environ, "XLA_FLAGS": ""},
     )
     assert result.returncode == 0, result.stderr[-4000:]

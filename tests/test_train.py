@@ -3,6 +3,7 @@ checkpoint compatibility, export equivalence, two processes, and the config's sc
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -21,7 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from train_helpers import REPO, losses, make_data, run_cli, tiny_config, write_config_file
+from train_helpers import (
+    REPO,
+    losses,
+    make_data,
+    process_group,
+    run_cli,
+    tiny_config,
+    write_config_file,
+)
 
 from recyclelora_jax import build, runner
 from recyclelora_jax.config import base_config
@@ -105,32 +114,24 @@ def test_sigkill_then_restart_reproduces_the_uninterrupted_run(reference_run, tm
         f"--config={config_file}",
         f"--workdir={workdir}",
     ]
-    proc = subprocess.Popen(
+    step_dir = workdir / "checkpoints" / "2"
+    with process_group(
         command,
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "XLA_FLAGS": ""},
-    )
-    step_dir = workdir / "checkpoints" / "2"
-    deadline = time.time() + 300
-    while not step_dir.is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    ) as proc:
+        deadline = time.time() + 300
+        while not step_dir.is_dir() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
     assert step_dir.is_dir(), "the first checkpoint never appeared"
     finished = Checkpointer(workdir / "checkpoints", async_save=False)
     assert finished.latest_step() < 6, "killed too late to test resumption"
     finished.close()
 
-    restarted = subprocess.run(
-        command,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "XLA_FLAGS": ""},
-        timeout=600,
-    )
+    restarted = run_cli(command, cwd=tmp_path, env={**os.environ, "XLA_FLAGS": ""})
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "resumed from step" in restarted.stderr
     assert losses(workdir) == losses(ref_dir)
@@ -356,26 +357,23 @@ def test_two_processes_match_one(reference_run, data, tmp_path):
     config_file = write_config_file(tmp_path / "cfg.py", cfg)
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(REPO / "train.py"),
-                f"--config={config_file}",
-                f"--workdir={tmp_path / 'multi'}",
-                f"--coordinator=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for i in range(2)
-    ]
-    errors = [p.communicate(timeout=600)[1] for p in procs]
+    command = [sys.executable, str(REPO / "train.py"), f"--config={config_file}"]
+    command += [f"--workdir={tmp_path / 'multi'}", f"--coordinator=127.0.0.1:{port}"]
+    with contextlib.ExitStack() as stack:
+        procs = [
+            stack.enter_context(
+                process_group(
+                    [*command, "--num_processes=2", f"--process_id={i}"],
+                    cwd=tmp_path,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                )
+            )
+            for i in range(2)
+        ]
+        errors = [p.communicate(timeout=600)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors[0][-3000:] + errors[1][-3000:]
     got, want = losses(tmp_path / "multi"), losses(single)
     assert got.keys() == want.keys() == {1, 2, 3}

@@ -210,12 +210,15 @@ def _pytest(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int | N
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-k", default="", help="only mutations whose name contains this")
+    parser.add_argument(
+        "-k", default="", help="only mutations whose name contains one of these (comma-separated)"
+    )
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per pytest run")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
     args = parser.parse_args()
-    selected = [m for m in MUTATIONS if args.k in m.name]
+    keys = args.k.split(",")
+    selected = [m for m in MUTATIONS if any(k in m.name for k in keys)]
     if args.list:
         for m in selected:
             _mutated(REPO, m)  # fails loudly on a pattern that moved
