@@ -96,6 +96,14 @@ MUTATIONS = (
         ("tests/test_peft_init.py",),
     ),
     Mutation(
+        "decoder-qkv-init-unfused",
+        "Mask2Former init as mmdet: q/k/v xavier-normal over the fused (3C, C) in-projection",
+        "recyclelora_jax/models/mask2former.py",
+        "split = lambda t, name: nn.Dense(c, kernel_init=_in_proj_normal, name=name)(t).reshape(",
+        "split = lambda t, name: nn.Dense(c, kernel_init=_xavier_normal, name=name)(t).reshape(",
+        ("tests/test_mask2former_init.py",),
+    ),
+    Mutation(
         "synthia-wall-unmapped",
         "SYNTHIA maps its 16 Cityscapes classes (wall is SYNTHIA id 21)",
         "recyclelora_jax/data/labels.py",
