@@ -17,9 +17,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
-from recyclelora_jax.data.evaluation import eval_batches
+from recyclelora_jax.data.evaluation import eval_batches, profile_for
 from recyclelora_jax.evaluate.driver import evaluate_dataset
 from recyclelora_jax.evaluate.metrics import summarize
 from recyclelora_jax.evaluate.visualize import save_comparison
@@ -53,6 +54,41 @@ def eval_sets(cfg: ml_collections.ConfigDict) -> list[EvalSet]:
             )
         )
     return sets
+
+
+MODES = ("slide", "whole")
+
+
+def check_eval(cfg: ml_collections.ConfigDict) -> list[str]:
+    """One line per evaluation setting or set that would fail when first evaluated (the mode,
+    the window, each set's builder, data dir, split and profile), read from each prepared
+    dataset's info without touching its data; empty when all is well."""
+    e, problems = cfg.eval, []
+    if e.mode not in MODES:
+        problems.append(f"eval.mode={e.mode!r}: choose one of {', '.join(MODES)}")
+    for key in ("crop_size", "stride"):
+        if not (isinstance(e[key], int) and e[key] > 0):
+            problems.append(f"eval.{key}={e[key]!r}: must be a positive int")
+    try:
+        sets = eval_sets(cfg)
+    except (TypeError, ValueError) as err:
+        return [*problems, f"eval.datasets: {err}"]
+    for s in sets:
+        try:
+            profile_for(s.builder, s.profile or None)
+            builder = tfds.builder(s.builder, data_dir=s.data_dir)
+            if not builder.is_prepared():
+                raise FileNotFoundError(
+                    "not prepared there (python -m recyclelora_jax.data.prepare builds it)"
+                )
+            if not builder.info.splits[s.split].num_examples:
+                raise ValueError("the split is empty")
+        except Exception as err:  # whatever TFDS raises, it is this set's line
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            problems.append(
+                f"eval set {s.name!r} ({s.builder} {s.split} in {s.data_dir}): {reason}"
+            )
+    return problems
 
 
 def _batches(s: EvalSet, max_images: int) -> Iterator[dict]:

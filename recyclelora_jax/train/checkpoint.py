@@ -45,6 +45,10 @@ class CheckpointCorruptError(ValueError):
     """A checkpoint's files cannot be read or do not match the checksums written with them."""
 
 
+class BaseMismatchError(ValueError):
+    """The frozen base is not the one the checkpoint was trained on."""
+
+
 @dataclasses.dataclass
 class Restored:
     step: int
@@ -134,6 +138,28 @@ def json_checksum(value: Any) -> str:
     return _sha256(json.dumps(value, sort_keys=True).encode())
 
 
+def fingerprint(tree: Any) -> str:
+    """One checksum of a whole tree (the frozen base), from its leaves' `array_checksums`."""
+    return json_checksum(array_checksums(tree))
+
+
+def check_base(meta: dict, base_fingerprint: str, base_file: str, where: Path, *, allow: bool):
+    """Refuse (or, with ``allow``, warn about) a frozen base other than the checkpoint's: trained
+    adapters over another base of the same shapes would give silently wrong results."""
+    stored = meta.get("base_fingerprint")
+    if stored is None:
+        log.warning("checkpoint in %s stores no base fingerprint: the base is not verified", where)
+    elif stored != base_fingerprint:
+        message = (
+            f"the frozen base loaded from {base_file or '<seeded random init>'} "
+            f"({base_fingerprint[:19]}) is not the one the checkpoint in {where} was trained on: "
+            f"{meta.get('base_weights') or '<seeded random init>'} ({stored[:19]})"
+        )
+        if not allow:
+            raise BaseMismatchError(message + "; pass --allow_other_base to use it anyway")
+        log.warning("%s; continuing as asked", message)
+
+
 def _as_stored(value: Any, scheme: str) -> Any:
     """A restored leaf in the kind it was saved as (the scheme tells which)."""
     return np.asarray(jax.device_get(value)) if scheme == "sha256" else jnp.asarray(value)
@@ -145,10 +171,16 @@ def _as_stored(value: Any, scheme: str) -> Any:
 class Checkpointer:
     """Keep-last-k checkpoints in ``workdir/checkpoints``; see the module docstring."""
 
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+    def __init__(
+        self, directory: str | Path, keep: int = 3, async_save: bool = True, create: bool = True
+    ):
+        """``create=False`` (reading a finished run) refuses a missing directory instead of
+        creating it, so a misspelt workdir is named, not left behind."""
         self.directory = Path(directory).absolute()
+        if not create and not self.directory.is_dir():
+            raise FileNotFoundError(f"no checkpoints at {self.directory} (is the workdir right?)")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+            max_to_keep=keep, create=create, enable_async_checkpointing=async_save
         )
         handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS} | {
             name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS
