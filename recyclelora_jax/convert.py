@@ -349,9 +349,12 @@ def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if path.suffix in (".pth", ".pt"):
         return read_pth(path), {}
     if path.suffix == ".safetensors":
-        with safetensors.safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-        return safetensors.numpy.load_file(str(path)), meta
+        try:
+            with safetensors.safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+            return safetensors.numpy.load_file(str(path)), meta
+        except (safetensors.SafetensorError, OSError) as err:
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
     raise ValueError(f"{path}: unknown checkpoint type (expected .pth, .pt or .safetensors)")
 
 
