@@ -36,6 +36,12 @@ _EXPORT = flags.DEFINE_string("export", None, "Also write the merged inference m
 _IMAGES = flags.DEFINE_string(
     "images", None, "Segment every image in this folder instead of the datasets."
 )
+_NATIVE = flags.DEFINE_bool(
+    "native_size", False, "--images at their own size (default: the Cityscapes test scale)."
+)
+_ALLOW = flags.DEFINE_bool(
+    "allow_other_base", False, "Use a frozen base other than the one the run was trained on."
+)
 _SKIP_EVAL = flags.DEFINE_bool("skip_eval", False, "Only export / segment images.")
 
 
@@ -70,12 +76,14 @@ def _load():
     if _CHECKPOINT.value:
         step_dir = Path(_CHECKPOINT.value)
         workdir = step_dir.parent.parent
-        model, params, cfg = load_trained(workdir, int(step_dir.name))
+        model, params, cfg = load_trained(
+            workdir, int(step_dir.name), allow_other_base=_ALLOW.value
+        )
         return model, params, cfg, workdir
     if not _WORKDIR.value:
         raise app.UsageError("give --workdir or --checkpoint")
     workdir = Path(_WORKDIR.value)
-    model, params, cfg = load_trained(workdir)
+    model, params, cfg = load_trained(workdir, allow_other_base=_ALLOW.value)
     return model, params, cfg, workdir
 
 
@@ -104,7 +112,10 @@ def main(argv: list[str]) -> None:
         cfg.eval.mode = _MODE.value
     model, params = merge_segmentor(model, params)  # evaluate what would be deployed
     if _IMAGES.value:
-        written = own_images.segment_folder(model, params, cfg, _IMAGES.value, out / "images")
+        scale = None if _NATIVE.value else own_images.TEST_SCALE
+        written = own_images.segment_folder(
+            model, params, cfg, _IMAGES.value, out / "images", scale=scale
+        )
         print(f"{len(written)} segmentations written to {out / 'images'}")
     if _SKIP_EVAL.value or _IMAGES.value:
         return

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import sys
 from pathlib import Path
 
 from absl import app, flags
@@ -33,12 +35,19 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from recyclelora_jax import runner
+    from recyclelora_jax.train.loop import ConfigError, Preempted
 
     runner.quiet_library_logs()
     runner.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     cfg = _CONFIG.value
     workdir = Path(_WORKDIR.value or f"runs/{cfg.name}")
-    results = runner.run(cfg, workdir)
+    try:
+        results = runner.run(cfg, workdir)
+    except Preempted as err:  # not a finished run: say so, and exit like a terminated process
+        logging.error("interrupted: %s", err)
+        sys.exit(128 + signal.SIGTERM)
+    except ConfigError as err:
+        raise app.UsageError(str(err)) from None
     logging.info("final: %s", json.dumps(results.get("miou", {})))
 
 

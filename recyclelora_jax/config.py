@@ -139,6 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
         checkpoint_every=4_000,
         eval_every=4_000,
         keep_checkpoints=3,
+        allow_other_base=False,  # resume over a frozen base other than the checkpoint's
     )
 
     c.data = dict(
@@ -149,6 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
         # photometric distortion; the multi-source configs have no Pad step (False).
         pad_raw=True,
         workers=4,
+        synthetic=None,  # synthetic data to write and prepare first (`prepare_synthetic_once`)
     )
 
     c.eval = dict(
@@ -268,11 +270,24 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         for e in c.adapters
     )
     c.train.update(steps=6, batch_size=2, log_every=1, checkpoint_every=3, eval_every=6)
+    data = "runs/synthetic/tfds"
     c.data.update(
-        data_dir="runs/synthetic/tfds",
-        sources=(("dg_gtav", "train", 0),),
+        data_dir=data,
+        sources=(("dg_gtav", "train", 0, f"{data}/gtav"),),
         crop_size=64,
         workers=0,
+        # Written and prepared by the first smoke run, as the demo does: runs from a fresh clone.
+        synthetic=dict(
+            root="runs/synthetic/raw",
+            data_dir=data,
+            styles=("photo",),
+            num_train=16,
+            num_val=4,
+            size=(96, 48),
+            seed=0,
+        ),
     )
-    c.eval.update(datasets=("dg_cityscapes",), mode="whole", crop_size=64, stride=43, max_images=4)
+    # Native size: the Cityscapes profile would blow the 96x48 scenes up to 2048x1024.
+    photo = ("photo", "dg_cityscapes", "validation", f"{data}/cityscapes_photo", "native")
+    c.eval.update(datasets=(photo,), mode="whole", crop_size=64, stride=43, max_images=4)
     return c

@@ -23,30 +23,25 @@ from recyclelora_jax.build import arch_from_name
 from recyclelora_jax.config import apply_method
 from recyclelora_jax.convert import save_converted
 from recyclelora_jax.data.pipeline import Source, make_train_loader
-from recyclelora_jax.data.synthetic import prepare_synthetic_demo
+from recyclelora_jax.data.synthetic import prepare_synthetic_once
 from recyclelora_jax.models.dinov2 import DinoV2
 from recyclelora_jax.pretrain import pretrain_mim
 from recyclelora_jax.runner import make_evaluator
 from recyclelora_jax.train.loop import train
 
 log = logging.getLogger(__name__)
-READY = "READY"
 
 
 def prepare_data(d: ml_collections.ConfigDict) -> Path:
-    """Synthetic datasets, written and built once; a marker makes an interrupted build redo."""
-    data_dir = Path(d.data_dir)
-    if not (data_dir / READY).exists():
-        prepare_synthetic_demo(
-            d.raw_dir,
-            data_dir,
-            num_train=d.num_train,
-            num_val=d.num_val,
-            size=tuple(d.image_size),
-            seed=d.seed,
-        )
-        (data_dir / READY).write_text("ok\n")
-    return data_dir
+    """Synthetic datasets, written and built once."""
+    return prepare_synthetic_once(
+        d.raw_dir,
+        d.data_dir,
+        num_train=d.num_train,
+        num_val=d.num_val,
+        size=tuple(d.image_size),
+        seed=d.seed,
+    )
 
 
 def foundation_weights(cfg: ml_collections.ConfigDict, workdir: Path) -> Path:

@@ -19,7 +19,7 @@ from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
 from recyclelora_jax.models.segmentor import Segmentor
 from recyclelora_jax.peft.params import merge
 from recyclelora_jax.train import optim
-from recyclelora_jax.train.checkpoint import Checkpointer, abstract_like
+from recyclelora_jax.train.checkpoint import Checkpointer, abstract_like, check_base, fingerprint
 from recyclelora_jax.train.loop import build_run
 
 Params = dict[str, Any]
@@ -27,16 +27,21 @@ FORMAT_TAG = "recyclelora_jax.segmentor"
 
 
 def load_trained(
-    workdir: str | Path, step: int | None = None
+    workdir: str | Path, step: int | None = None, *, allow_other_base: bool = False
 ) -> tuple[Segmentor, Params, ml_collections.ConfigDict]:
     """(adapter model, full params, config) of a training checkpoint: the config stored in the
-    checkpoint rebuilds the frozen base (its weights pointer, the cached init), then the trained
-    leaves are restored over it -- EMA weights where the recipe keeps them."""
+    checkpoint rebuilds the frozen base (its weights pointer, the cached init), verified against
+    the checkpoint's fingerprint of it, then the trained leaves are restored over it -- EMA
+    weights where the recipe keeps them."""
     workdir = Path(workdir)
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False, create=False)
     try:
-        cfg = ml_collections.ConfigDict(ckpt.read_meta(step)["config"])
+        meta = ckpt.read_meta(step)
+        cfg = ml_collections.ConfigDict(meta["config"])
         run = build_run(cfg, workdir)
+        where = ckpt.directory / str(step if step is not None else ckpt.latest_step())
+        base = cfg.model.backbone.weights
+        check_base(meta, fingerprint(run.frozen), base, where, allow=allow_other_base)
         if cfg.optim.ema_momentum:
             state = {"tx": jax.eval_shape(run.tx.init, run.trainable), "ema": run.trainable}
             restored = ckpt.restore(abstract_like(run.trainable), abstract_like(state), step=step)

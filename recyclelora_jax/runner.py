@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from recyclelora_jax.data.synthetic import prepare_synthetic_once
 from recyclelora_jax.evaluate.metrics import format_table
 from recyclelora_jax.evaluate.suite import PredictionSaver, evaluate_suite
 from recyclelora_jax.train.loop import Run, train
@@ -71,4 +72,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: Path) -> dict:
         from recyclelora_jax import demo
 
         return demo.run_demo(cfg, workdir)
+    if cfg.data.synthetic:
+        prepare_synthetic_once(**cfg.data.synthetic)
     return train(cfg, workdir, make_evaluator(cfg) if cfg.eval.datasets else None)

@@ -301,3 +301,16 @@ def prepare_synthetic_demo(
         prepare(builder, manual_dir, Path(data_dir) / name, num_workers=1)
         out[name] = (builder, Path(data_dir) / name)
     return out
+
+
+READY = "READY"
+
+
+def prepare_synthetic_once(root: str | Path, data_dir: str | Path, **kwargs) -> Path:
+    """`prepare_synthetic_demo`, skipped when `data_dir` is complete: its marker is written
+    last, so an interrupted build is redone. Returns `data_dir`."""
+    data_dir = Path(data_dir)
+    if not (data_dir / READY).exists():
+        prepare_synthetic_demo(root, data_dir, **kwargs)
+        (data_dir / READY).write_text("ok\n")
+    return data_dir

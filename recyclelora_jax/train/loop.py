@@ -26,10 +26,11 @@ from tqdm import tqdm
 
 from recyclelora_jax import build, recipe
 from recyclelora_jax.data.pipeline import Source, make_train_loader
+from recyclelora_jax.evaluate.suite import check_eval
 from recyclelora_jax.losses import segmentation_loss
 from recyclelora_jax.peft.params import attach
 from recyclelora_jax.train import optim
-from recyclelora_jax.train.checkpoint import Checkpointer, abstract_like
+from recyclelora_jax.train.checkpoint import Checkpointer, abstract_like, check_base, fingerprint
 from recyclelora_jax.train.metrics_log import MetricsLog
 from recyclelora_jax.train.sharding import (
     check_batch_size,
@@ -45,6 +46,47 @@ Params = dict[str, Any]
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/Inf; the last good state has been checkpointed."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM stopped the run; its state has been checkpointed and a rerun resumes it."""
+
+
+class EvaluationError(RuntimeError):
+    """The final evaluation failed; the trained state is checkpointed."""
+
+
+class ConfigError(ValueError):
+    """Config values that would fail later, one line each."""
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> list[str]:
+    """One line per training value that would fail only after building and compiling."""
+    problems = []
+
+    def at_least(section: str, key: str, minimum: int = 1) -> bool:
+        value = cfg[section][key]
+        if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+            return True
+        problems.append(f"{section}.{key}={value!r}: must be an integer >= {minimum}")
+        return False
+
+    t = cfg.train
+    for key in ("steps", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints"):
+        at_least("train", key)
+    if at_least("train", "batch_size") and at_least("train", "grad_accum"):
+        if t.batch_size % t.grad_accum:
+            problems.append(
+                f"train.grad_accum={t.grad_accum}: does not divide train.batch_size={t.batch_size}"
+            )
+        elif (t.batch_size // t.grad_accum) % jax.device_count():
+            problems.append(
+                f"train.batch_size={t.batch_size}: its micro-batches of "
+                f"{t.batch_size // t.grad_accum} do not split over {jax.device_count()} devices"
+            )
+    at_least("data", "crop_size")
+    at_least("data", "workers", minimum=0)
+    return problems
 
 
 @dataclasses.dataclass
@@ -163,7 +205,7 @@ class _Preemption:
         self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        log.warning("SIGTERM received: saving a checkpoint and stopping")
+        log.warning("SIGTERM received: saving a checkpoint and stopping after this step")
         self.requested = True
 
     def restore(self) -> None:
@@ -177,6 +219,9 @@ def train(
 ) -> dict:
     """Train to ``cfg.train.steps``, resuming from the latest checkpoint in ``workdir``.
     Returns the last logged metrics (and evaluation results, if any)."""
+    problems = check_config(cfg) + (check_eval(cfg) if evaluate_fn else [])
+    if problems:
+        raise ConfigError("bad config:\n  " + "\n  ".join(problems))
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     run = build_run(cfg, workdir)
@@ -196,9 +241,17 @@ def train(
     )
     batches = iter(loader)
     start = 0
+    base = fingerprint(run.frozen)
     if ckpt.latest_step() is not None:
         state = {"tx": opt_state, "ema": ema}
         restored = ckpt.restore(abstract_like(run.trainable), abstract_like(state))
+        check_base(
+            restored.meta,
+            base,
+            cfg.model.backbone.weights,
+            ckpt.directory / str(restored.step),
+            allow=t.allow_other_base,
+        )
         run.trainable = restored.trainable
         opt_state, ema = restored.opt_state["tx"], restored.opt_state["ema"]
         batches.set_state(restored.data_iter["state"].encode())
@@ -208,6 +261,7 @@ def train(
     meta = {
         "config": json.loads(cfg.to_json_best_effort()),
         "base_weights": cfg.model.backbone.weights,
+        "base_fingerprint": base,
     }
     metrics_log = MetricsLog(workdir, enabled=jax.process_index() == 0, resume_step=start)
     preemption = _Preemption()
@@ -259,16 +313,37 @@ def train(
                     loss=f"{metrics['loss']:.3f}", img_s=f"{metrics['images_per_s']:.1f}"
                 )
                 last = metrics
-            if evaluate_fn and (done % t.eval_every == 0 or done == t.steps):
-                results = evaluate_fn(run, _eval_params(run, ema), done)
-                metrics_log.write(
-                    done, {"miou": results["miou"], "mean_miou": results["mean_miou"]}
-                )
-                last = {**last, **results}
-            if done % t.checkpoint_every == 0 or done == t.steps or preemption.requested:
+            due_eval = evaluate_fn and (done % t.eval_every == 0 or done == t.steps)
+            # Saved before evaluating: a failing or killed evaluation loses no training.
+            if (
+                done % t.checkpoint_every == 0
+                or done == t.steps
+                or due_eval
+                or preemption.requested
+            ):
                 save(done)
+            if due_eval and not preemption.requested:
+                try:
+                    results = evaluate_fn(run, _eval_params(run, ema), done)
+                except Exception as err:  # the checkpoint of this step is saved
+                    if done == t.steps:
+                        raise EvaluationError(
+                            f"the final evaluation (step {done}) failed: {err}; the trained "
+                            f"state is checkpointed in {ckpt.directory}"
+                        ) from err
+                    log.exception("evaluation at step %d failed; training continues", done)
+                else:
+                    metrics_log.write(
+                        done, {"miou": results["miou"], "mean_miou": results["mean_miou"]}
+                    )
+                    last = {**last, **results}
             if preemption.requested:
-                break
+                if ckpt.latest_step() != done:
+                    save(done)
+                raise Preempted(
+                    f"stopped by SIGTERM after step {done}; its checkpoint is in "
+                    f"{ckpt.directory}: rerun the same command to resume"
+                )
     except NonFiniteLossError:
         if ckpt.latest_step() != step:
             save(step)
