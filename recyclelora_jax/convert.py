@@ -24,8 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
+from recyclelora_jax import safetensors_file
 from recyclelora_jax.models.dinov2 import DEFAULT_OUT_INDICES, DinoV2, DinoV2Arch
 from recyclelora_jax.models.resize import torch_interpolate
 from recyclelora_jax.pth import read_pth
@@ -349,12 +349,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if path.suffix in (".pth", ".pt"):
         return read_pth(path), {}
     if path.suffix == ".safetensors":
-        try:
-            with safetensors.safe_open(str(path), framework="numpy") as f:
-                meta = f.metadata() or {}
-            return safetensors.numpy.load_file(str(path)), meta
-        except (safetensors.SafetensorError, OSError) as err:
-            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+        return safetensors_file.load(path)
     raise ValueError(f"{path}: unknown checkpoint type (expected .pth, .pt or .safetensors)")
 
 
@@ -448,7 +443,7 @@ def save_converted(path: str | Path, model: DinoV2, params: Params) -> None:
         "interpolate_offset": repr(float(model.interpolate_offset)),
         "antialias": str(bool(model.interpolate_antialias)),
     }
-    safetensors.numpy.save_file(arrays, str(path), metadata=meta)
+    safetensors_file.save(path, arrays, meta)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -11,10 +11,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import safetensors.numpy
 from flax import traverse_util
 
-from recyclelora_jax import build
+from recyclelora_jax import build, safetensors_file
 from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
 from recyclelora_jax.models.segmentor import Segmentor
 from recyclelora_jax.peft.params import merge
@@ -80,10 +79,7 @@ def save_export(
         ),
     }
     flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    safetensors.numpy.save_file({k: np.asarray(v) for k, v in flat.items()}, str(tmp), meta)
-    tmp.replace(path)
+    safetensors_file.save(path, {k: np.asarray(v) for k, v in flat.items()}, meta)
 
 
 def load_export(path: str | Path) -> tuple[Segmentor, Params, ml_collections.ConfigDict]:
@@ -91,8 +87,7 @@ def load_export(path: str | Path) -> tuple[Segmentor, Params, ml_collections.Con
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no exported model at {path}")
-    with safetensors.safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
+    meta = safetensors_file.metadata(path)
     if meta.get("format") != FORMAT_TAG:
         raise ValueError(f"{path} is not a recyclelora_jax export (metadata {sorted(meta)})")
     cfg = ml_collections.ConfigDict(json.loads(meta["config"]))
@@ -103,5 +98,5 @@ def load_export(path: str | Path) -> tuple[Segmentor, Params, ml_collections.Con
         interpolate_offset=extra["interpolate_offset"],
         interpolate_antialias=extra["interpolate_antialias"],
     )
-    params = traverse_util.unflatten_dict(safetensors.numpy.load_file(str(path)), sep="/")
+    params = traverse_util.unflatten_dict(safetensors_file.load(path)[0], sep="/")
     return build.build_segmentor(cfg, backbone), params, cfg

@@ -32,9 +32,8 @@ def tiny_config(data: dict, method: str = "recyclelora", **train) -> ml_collecti
     c.model.head = ml_collections.ConfigDict(dict(name="linear", num_classes=19))
     gtav = str(data["gtav"][1])
     photo = str(data["cityscapes_photo"][1])
-    c.data.update(
-        sources=(("dg_gtav", "train[:16]", 0, gtav),), crop_size=32, workers=0, synthetic=None
-    )
+    c.data.update(sources=(("dg_gtav", "train[:16]", 0, gtav),), crop_size=32, workers=0)
+    c.data.synthetic = None  # the test datasets are given
     c.eval.update(
         datasets=(
             ("synthetic", "dg_gtav", "train[16:]", gtav, "native"),
