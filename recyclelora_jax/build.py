@@ -114,7 +114,10 @@ def build_segmentor(
     h = dict(cfg.model.head)
     h.pop("loss", None)
     name, num_classes = h.pop("name"), h.pop("num_classes")
-    return Segmentor(backbone.clone(adapters=layout), build_head(name, num_classes, **h))
+    attention = cfg.model.backbone.get("attention", "auto")
+    return Segmentor(
+        backbone.clone(adapters=layout, attention=attention), build_head(name, num_classes, **h)
+    )
 
 
 def init_head(model: Segmentor, crop: int, seed: int) -> Params:

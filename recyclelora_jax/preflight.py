@@ -35,6 +35,7 @@ from ml_collections import config_flags
 from recyclelora_jax import build, recipe
 from recyclelora_jax.losses import segmentation_loss
 from recyclelora_jax.models import flops as flops_lib
+from recyclelora_jax.models.dinov2 import resolve_attention
 from recyclelora_jax.models.segmentor import Segmentor
 from recyclelora_jax.peft.params import attach_shapes
 from recyclelora_jax.train import loop, optim
@@ -89,7 +90,10 @@ def topology(name: str) -> tuple[list[Any], Chip]:
         )
     from jax.experimental import topologies
 
+    # No chip is touched: skip the metadata server, and let several compiling processes load
+    # libtpu at once (it otherwise holds a machine-wide lock file).
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
     except Exception as e:  # libtpu missing or an unknown shape
@@ -293,6 +297,11 @@ def preflight(
     """Compile every program for ``topology_name``; returns the report (see ``--json``)."""
     devices, chip = topology(topology_name)
     mesh = make_mesh(**cfg.mesh, devices=devices)
+    # "auto" attention is resolved for the target's platform, not for this host's.
+    cfg = cfg.copy_and_resolve_references()
+    b = cfg.model.backbone
+    with cfg.unlocked():
+        b.attention = resolve_attention(b.get("attention", "auto"), devices[0].platform, b.dtype)
     if per_chip_batch is None:
         per_chip_batch = max(cfg.train.batch_size // mesh.size, 1)
     run = abstract_run(cfg, mesh)
@@ -303,6 +312,7 @@ def preflight(
         "mesh": dict(mesh.shape),
         "per_chip_batch": per_chip_batch,
         "bf16_peak_flops": chip.bf16_flops,
+        "attention": b.attention,
     }
     for name, (fn, args, model) in programs(run, per_chip_batch, parts, evaluate).items():
         log(f"compiling {name} ...")
@@ -324,7 +334,8 @@ def format_report(r: dict) -> str:
     """A table, one row per compiled program, all figures per chip."""
     rows = [
         f"{r['topology']}: {r['chips']} x {r['chip']}, mesh {r['mesh']}, per-chip batch "
-        f"{r['per_chip_batch']}, HBM {_fmt(r['hbm_capacity_bytes'], '.1f', 1 / GiB)} GiB",
+        f"{r['per_chip_batch']}, HBM {_fmt(r['hbm_capacity_bytes'], '.1f', 1 / GiB)} GiB, "
+        f"attention {r['attention']}",
         "program | HBM GiB (args/temp/out) | fits | TFLOP (model) | GiB accessed | est. ms | "
         "img/s | MFU | compile s | collectives (count, GiB)",
     ]

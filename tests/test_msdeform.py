@@ -11,12 +11,8 @@ import torch
 from jax.extend.core import jaxprs_in_params
 from transformers.models.mask2former import modeling_mask2former as hf
 
-from recyclelora_jax.models.msdeform import (
-    MultiScaleDeformableAttention,
-    bilinear_corners,
-    reference_points,
-    sample_points,
-)
+from recyclelora_jax.models.msdeform import MultiScaleDeformableAttention, reference_points
+from recyclelora_jax.models.sampling import bilinear_corners, sample_points
 
 SHAPES = ((8, 10), (4, 5), (2, 3))
 

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from recyclelora_jax.losses.matching import hungarian_match
-from recyclelora_jax.models.msdeform import bilinear_corners, sample_points
 from recyclelora_jax.models.resize import resize_bilinear
+from recyclelora_jax.models.sampling import bilinear_corners, sample_points
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +164,9 @@ def mask2former_loss(
 
     Sets run one after another (``lax.map``) so only one set's sampled points are alive.
     """
+    # float32 statistics from 16-bit outputs: class logits here, mask logits where sampled.
     logits = jnp.concatenate([outputs["aux_logits"], outputs["pred_logits"][None]])
+    logits = logits.astype(jnp.float32)
     masks = jnp.concatenate([outputs["aux_masks"], outputs["pred_masks"][None]])
     keys = jax.random.split(rng, logits.shape[0])
 

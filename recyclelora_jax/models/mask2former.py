@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -78,12 +79,13 @@ def sine_position_embedding(height: int, width: int, num_feats: int) -> jax.Arra
     return grid.reshape(height * width, 2 * num_feats)
 
 
-def _group_norm(name: str) -> nn.GroupNorm:
-    return nn.GroupNorm(GN_GROUPS, epsilon=GN_EPS, use_fast_variance=False, name=name)
+def _group_norm(name: str, dtype: Any) -> nn.GroupNorm:
+    """GroupNorm whose statistics are float32 whatever ``dtype`` (flax promotes them)."""
+    return nn.GroupNorm(GN_GROUPS, epsilon=GN_EPS, use_fast_variance=False, dtype=dtype, name=name)
 
 
-def _layer_norm(name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(LN_EPS, use_fast_variance=False, name=name)
+def _layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
+    return nn.LayerNorm(LN_EPS, use_fast_variance=False, dtype=dtype, name=name)
 
 
 class FeedForward(nn.Module):
@@ -91,6 +93,7 @@ class FeedForward(nn.Module):
 
     hidden: int
     kernel_init: nn.initializers.Initializer
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -98,15 +101,17 @@ class FeedForward(nn.Module):
             self.hidden,
             kernel_init=self.kernel_init,
             bias_init=_torch_linear_bias(x.shape[-1]),  # mmcv's FFN keeps torch's bias init
+            dtype=self.dtype,
             name="fc1",
         )(x)
         h = nn.Dense(
             x.shape[-1],
             kernel_init=self.kernel_init,
             bias_init=_torch_linear_bias(self.hidden),
+            dtype=self.dtype,
             name="fc2",
         )(nn.relu(h))
-        return _layer_norm("final_norm")(x + h)
+        return _layer_norm("final_norm", self.dtype)(x + h)
 
 
 class EncoderLayer(nn.Module):
@@ -116,14 +121,15 @@ class EncoderLayer(nn.Module):
     num_points: int
     ffn_dim: int
     remat: bool
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, pos, refs, shapes):
         attn = MultiScaleDeformableAttention(
-            self.num_heads, len(shapes), self.num_points, self.remat, name="self_attn"
+            self.num_heads, len(shapes), self.num_points, self.remat, self.dtype, name="self_attn"
         )
-        x = _layer_norm("self_attn_norm")(x + attn(x + pos, refs, x, shapes))
-        return FeedForward(self.ffn_dim, _xavier_normal, name="ffn")(x)
+        x = _layer_norm("self_attn_norm", self.dtype)(x + attn(x + pos, refs, x, shapes))
+        return FeedForward(self.ffn_dim, _xavier_normal, self.dtype, name="ffn")(x)
 
 
 class PixelDecoder(nn.Module):
@@ -139,6 +145,7 @@ class PixelDecoder(nn.Module):
     num_points: int = 4
     ffn_dim: int = 1024
     remat: bool = False
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
@@ -147,17 +154,25 @@ class PixelDecoder(nn.Module):
         b = features[0].shape[0]
         coarse = list(features[::-1][:NUM_LEVELS])
         shapes = tuple((int(f.shape[1]), int(f.shape[2])) for f in coarse)
+        dtype = self.dtype
+        conv = lambda *a, **k: nn.Conv(*a, dtype=dtype, **k)
         level_embed = self.param("level_embed", nn.initializers.normal(1.0), (NUM_LEVELS, self.dim))
         tokens, pos = [], []
         for i, f in enumerate(coarse):
-            y = nn.Conv(self.dim, (1, 1), kernel_init=_xavier_uniform, name=f"input_proj_{i}")(f)
-            tokens.append(_group_norm(f"input_proj_norm_{i}")(y).reshape(b, -1, self.dim))
+            y = conv(self.dim, (1, 1), kernel_init=_xavier_uniform, name=f"input_proj_{i}")(f)
+            tokens.append(_group_norm(f"input_proj_norm_{i}", dtype)(y).reshape(b, -1, self.dim))
             pos.append(sine_position_embedding(*shapes[i], self.dim // 2) + level_embed[i])
-        x, pos = jnp.concatenate(tokens, 1), jnp.concatenate(pos, 0)[None]
+        x = jnp.concatenate(tokens, 1)
+        pos = jnp.concatenate(pos, 0)[None].astype(x.dtype)
         refs = reference_points(shapes)[None]
         for i in range(self.num_layers):
             x = EncoderLayer(
-                self.num_heads, self.num_points, self.ffn_dim, self.remat, name=f"encoder_{i}"
+                self.num_heads,
+                self.num_points,
+                self.ffn_dim,
+                self.remat,
+                dtype,
+                name=f"encoder_{i}",
             )(x, pos, refs, shapes)
         splits = [h * w for h, w in shapes]
         starts = [sum(splits[:i]) for i in range(len(splits))]
@@ -166,12 +181,12 @@ class PixelDecoder(nn.Module):
             for s, n, (h, w) in zip(starts, splits, shapes, strict=True)
         ]
         for i, f in enumerate(features[: len(features) - NUM_LEVELS][::-1]):
-            lat = nn.Conv(
+            lat = conv(
                 self.dim, (1, 1), use_bias=False, kernel_init=_caffe2_xavier, name=f"lateral_{i}"
             )(f)
-            lat = _group_norm(f"lateral_norm_{i}")(lat)
+            lat = _group_norm(f"lateral_norm_{i}", dtype)(lat)
             y = lat + resize_bilinear(outs[-1], lat.shape[1:3])
-            y = nn.Conv(
+            y = conv(
                 self.dim,
                 (3, 3),
                 padding=1,
@@ -179,8 +194,8 @@ class PixelDecoder(nn.Module):
                 kernel_init=_caffe2_xavier,
                 name=f"output_conv_{i}",
             )(y)
-            outs.append(nn.relu(_group_norm(f"output_norm_{i}")(y)))
-        mask_features = nn.Conv(self.dim, (1, 1), kernel_init=_caffe2_xavier, name="mask_feature")(
+            outs.append(nn.relu(_group_norm(f"output_norm_{i}", dtype)(y)))
+        mask_features = conv(self.dim, (1, 1), kernel_init=_caffe2_xavier, name="mask_feature")(
             outs[-1]
         )
         return mask_features, outs[:NUM_LEVELS]
@@ -190,11 +205,13 @@ class Attention(nn.Module):
     """Multi-head attention with separate q/k/v projections; ``keep`` (B, T, S) masks keys."""
 
     num_heads: int
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, q, k, v, keep=None):
         c = q.shape[-1]
-        split = lambda t, name: nn.Dense(c, kernel_init=_in_proj_normal, name=name)(t).reshape(
+        dense = lambda name, init: nn.Dense(c, kernel_init=init, dtype=self.dtype, name=name)
+        split = lambda t, name: dense(name, _in_proj_normal)(t).reshape(
             *t.shape[:2], self.num_heads, c // self.num_heads
         )
         out = jax.nn.dot_product_attention(
@@ -203,9 +220,7 @@ class Attention(nn.Module):
             split(v, "v_proj"),
             mask=None if keep is None else keep[:, None],
         )
-        return nn.Dense(c, kernel_init=_xavier_normal, name="out_proj")(
-            out.reshape(*q.shape[:2], c)
-        )
+        return dense("out_proj", _xavier_normal)(out.reshape(*q.shape[:2], c))
 
 
 class DecoderLayer(nn.Module):
@@ -213,16 +228,19 @@ class DecoderLayer(nn.Module):
 
     num_heads: int
     ffn_dim: int
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, query_pos, memory, memory_pos, keep):
-        h = Attention(self.num_heads, name="cross_attn")(
+        dtype = self.dtype
+        h = Attention(self.num_heads, dtype, name="cross_attn")(
             x + query_pos, memory + memory_pos, memory, keep
         )
-        x = _layer_norm("cross_attn_norm")(x + h)
+        x = _layer_norm("cross_attn_norm", dtype)(x + h)
         q = x + query_pos
-        x = _layer_norm("self_attn_norm")(x + Attention(self.num_heads, name="self_attn")(q, q, x))
-        return FeedForward(self.ffn_dim, _xavier_normal, name="ffn")(x)
+        h = Attention(self.num_heads, dtype, name="self_attn")(q, q, x)
+        x = _layer_norm("self_attn_norm", dtype)(x + h)
+        return FeedForward(self.ffn_dim, _xavier_normal, dtype, name="ffn")(x)
 
 
 class MaskEmbed(nn.Module):
@@ -230,6 +248,7 @@ class MaskEmbed(nn.Module):
 
     dim: int
     num_layers: int = 3
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -239,6 +258,7 @@ class MaskEmbed(nn.Module):
                 self.dim,
                 kernel_init=_torch_linear,
                 bias_init=_torch_linear_bias(fan_in),
+                dtype=self.dtype,
                 name=f"layers_{i}",
             )(x)
             if i < self.num_layers - 1:
@@ -259,32 +279,39 @@ class TransformerDecoder(nn.Module):
     num_layers: int = 9
     ffn_dim: int = 2048
     num_queries: int = 100
+    dtype: Any = None
 
     @nn.compact
     def __call__(
         self, levels: Sequence[jax.Array], mask_features: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
-        b = mask_features.shape[0]
+        b, dtype = mask_features.shape[0], self.dtype or mask_features.dtype
         if any(f.shape[-1] != self.dim for f in (*levels, mask_features)):
             raise ValueError(f"decoder inputs must have {self.dim} channels")
         normal = nn.initializers.normal(1.0)
         level_embed = self.param("level_embed", normal, (len(levels), self.dim))
         shapes = [f.shape[1:3] for f in levels]
-        memory = [f.reshape(b, -1, self.dim) + level_embed[i] for i, f in enumerate(levels)]
-        memory_pos = [sine_position_embedding(h, w, self.dim // 2)[None] for h, w in shapes]
+        memory = [
+            f.reshape(b, -1, self.dim) + level_embed[i].astype(dtype) for i, f in enumerate(levels)
+        ]
+        memory_pos = [
+            sine_position_embedding(h, w, self.dim // 2)[None].astype(dtype) for h, w in shapes
+        ]
         x = jnp.broadcast_to(
-            self.param("query_feat", normal, (self.num_queries, self.dim)),
+            self.param("query_feat", normal, (self.num_queries, self.dim)).astype(dtype),
             (b, self.num_queries, self.dim),
         )
         query_pos = self.param("query_embed", normal, (self.num_queries, self.dim))[None]
-        norm = _layer_norm("decoder_norm")
+        query_pos = query_pos.astype(dtype)
+        norm = _layer_norm("decoder_norm", dtype)
         class_embed = nn.Dense(
             self.num_classes + 1,
             kernel_init=_torch_linear,
             bias_init=_torch_linear_bias(self.dim),
+            dtype=dtype,
             name="class_embed",
         )
-        mask_embed = MaskEmbed(self.dim, name="mask_embed")
+        mask_embed = MaskEmbed(self.dim, dtype=dtype, name="mask_embed")
 
         def predict(x, target):
             h = norm(x)
@@ -295,7 +322,7 @@ class TransformerDecoder(nn.Module):
         all_logits, all_masks = [logits], [masks]
         for i in range(self.num_layers):
             lvl = i % len(levels)
-            x = DecoderLayer(self.num_heads, self.ffn_dim, name=f"layers_{i}")(
+            x = DecoderLayer(self.num_heads, self.ffn_dim, dtype, name=f"layers_{i}")(
                 x, query_pos, memory[lvl], memory_pos[lvl], keep
             )
             logits, masks, keep = predict(x, shapes[(i + 1) % len(levels)])
@@ -311,7 +338,7 @@ def attention_keep_mask(mask_logits: jax.Array, size: Sequence[int]) -> jax.Arra
     masked (a sigmoid of exactly 0.5 stays visible); a query masked everywhere sees everything.
     """
     small = torch_interpolate(mask_logits, (2, 3), size=size, mode="bilinear")
-    keep = jax.nn.sigmoid(jax.lax.stop_gradient(small)) >= 0.5
+    keep = jax.nn.sigmoid(jax.lax.stop_gradient(small).astype(jnp.float32)) >= 0.5
     keep = keep.reshape(*keep.shape[:2], -1)
     return keep | ~keep.any(-1, keepdims=True)
 
@@ -322,8 +349,8 @@ def semantic_scores(
     """mmseg's ``Mask2FormerHead.predict``: mask logits resized to ``size`` *before* the sigmoid,
     then ``softmax(class)[..., :-1]`` weighted sum over queries -> (B, H, W, K)."""
     masks = torch_interpolate(mask_logits, (2, 3), size=size, mode="bilinear")
-    probs = jax.nn.softmax(class_logits, -1)[..., :-1]
-    return jnp.einsum("bqk,bqhw->bhwk", probs, jax.nn.sigmoid(masks))
+    probs = jax.nn.softmax(class_logits.astype(jnp.float32), -1)[..., :-1]
+    return jnp.einsum("bqk,bqhw->bhwk", probs, jax.nn.sigmoid(masks.astype(jnp.float32)))
 
 
 class Mask2FormerHead(nn.Module):
@@ -346,11 +373,13 @@ class Mask2FormerHead(nn.Module):
     decoder_ffn_dim: int = 2048
     pyramid_scales: tuple[float, ...] = PYRAMID_SCALES
     remat: bool = False
+    dtype: Any = None  # compute dtype; None follows the features (bfloat16 from a bf16 backbone)
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array], train: bool = False) -> dict[str, jax.Array]:
         del train  # no dropout or batch statistics in this head
-        pyramid = build_pyramid(features, self.pyramid_scales)
+        dtype = self.dtype or features[0].dtype
+        pyramid = build_pyramid([f.astype(dtype) for f in features], self.pyramid_scales)
         mask_features, levels = PixelDecoder(
             self.dim,
             self.num_heads,
@@ -358,6 +387,7 @@ class Mask2FormerHead(nn.Module):
             self.num_points,
             self.encoder_ffn_dim,
             self.remat,
+            dtype,
             name="pixel_decoder",
         )(pyramid)
         logits, masks = TransformerDecoder(
@@ -367,6 +397,7 @@ class Mask2FormerHead(nn.Module):
             self.decoder_layers,
             self.decoder_ffn_dim,
             self.num_queries,
+            dtype,
             name="transformer_decoder",
         )(levels, mask_features)
         return {

@@ -2,9 +2,9 @@
 
 PyTorch samples with ``grid_sample(align_corners=False, padding_mode="zeros")``. Here every
 sampling point becomes four corner indices into the flattened level and four bilinear weights
-(zero outside the map), so the gradient is a scatter-add over the value rows and nothing of size
-(B, Q, heads, levels, points, H, W) is ever built; the largest intermediate is the gathered
-(B, heads, Q, points*4, head_dim) block of one level.
+(zero outside the map, `sampling.bilinear_corners`), so the gradient is a scatter-add over the
+value rows and nothing of size (B, Q, heads, levels, points, H, W) is ever built; the largest
+intermediate is the gathered (B, heads, Q, points*4, head_dim) block of one level.
 """
 
 from __future__ import annotations
@@ -12,43 +12,16 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recyclelora_jax.models.sampling import bilinear_corners
+
 Shapes = tuple[tuple[int, int], ...]
-
-
-def bilinear_corners(points: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
-    """Corner indices into a flattened (height*width) map and their bilinear weights.
-
-    ``points`` (..., 2) are (x, y) in [0, 1] image coordinates, as ``grid_sample`` receives them
-    after ``2p - 1``. Corners outside the map get weight 0 and a clipped (valid) index, which is
-    ``padding_mode="zeros"``. Returns int32 (..., 4) and float (..., 4).
-    """
-    x = points[..., 0] * width - 0.5
-    y = points[..., 1] * height - 0.5
-    x0, y0 = jnp.floor(x), jnp.floor(y)
-    fx, fy = x - x0, y - y0
-    idx, wts = [], []
-    for dy, wy in ((0, 1.0 - fy), (1, fy)):
-        for dx, wx in ((0, 1.0 - fx), (1, fx)):
-            cx, cy = x0 + dx, y0 + dy
-            inside = (cx >= 0) & (cx <= width - 1) & (cy >= 0) & (cy <= height - 1)
-            flat = jnp.clip(cy, 0, height - 1) * width + jnp.clip(cx, 0, width - 1)
-            idx.append(flat.astype(jnp.int32))
-            wts.append(jnp.where(inside, wx * wy, 0.0))
-    return jnp.stack(idx, -1), jnp.stack(wts, -1)
-
-
-def sample_points(maps: jax.Array, points: jax.Array) -> jax.Array:
-    """``grid_sample`` of (N, H, W) maps at (N, P, 2) normalised points -> (N, P)."""
-    n, h, w = maps.shape
-    idx, wts = bilinear_corners(points, h, w)
-    vals = jnp.take_along_axis(maps.reshape(n, h * w), idx.reshape(n, -1), axis=1)
-    return (vals.reshape(idx.shape) * wts.astype(maps.dtype)).sum(-1)
 
 
 def ms_deform_sample(
@@ -101,13 +74,17 @@ class MultiScaleDeformableAttention(nn.Module):
     """Deformable attention of queries over a flattened multi-level map (2-d reference points).
 
     ``remat`` recomputes the sampling in the backward pass instead of storing the gathered
-    corner values (the largest activations of the pixel decoder).
+    corner values (the largest activations of the pixel decoder). With a 16-bit ``dtype`` the
+    projections and the sampled values are 16-bit; the attention softmax and the sampling
+    locations stay float32 (a bf16 location in [0, 1] is off by up to half a pixel of a
+    128-pixel map).
     """
 
     num_heads: int = 8
     num_levels: int = 3
     num_points: int = 4
     remat: bool = False
+    dtype: Any = None
 
     @nn.compact
     def __call__(
@@ -124,26 +101,29 @@ class MultiScaleDeformableAttention(nn.Module):
         if c % heads or len(shapes) != levels:
             raise ValueError(f"width {c} / {heads} heads, {len(shapes)} shapes vs {levels} levels")
         bias = sampling_offset_bias(heads, levels, npts)
+        f32 = jnp.float32
         offsets = nn.Dense(
             heads * levels * npts * 2,
             kernel_init=nn.initializers.zeros,
             bias_init=lambda *_: jnp.asarray(bias),
+            dtype=f32,
             name="sampling_offsets",
         )(queries).reshape(b, q, heads, levels, npts, 2)
         logits = nn.Dense(
             heads * levels * npts,
             kernel_init=nn.initializers.zeros,
             bias_init=nn.initializers.zeros,
+            dtype=self.dtype,
             name="attention_weights",
         )(queries).reshape(b, q, heads, levels * npts)
-        weights = jax.nn.softmax(logits, -1).reshape(b, q, heads, levels, npts)
+        weights = jax.nn.softmax(logits.astype(f32), -1).reshape(b, q, heads, levels, npts)
         xavier = nn.initializers.xavier_uniform()
-        v = nn.Dense(c, kernel_init=xavier, name="value_proj")(values)
+        v = nn.Dense(c, kernel_init=xavier, dtype=self.dtype, name="value_proj")(values)
         v = v.reshape(b, v.shape[1], heads, c // heads)
-        normalizer = jnp.asarray([[w, h] for h, w in shapes], queries.dtype)
+        normalizer = jnp.asarray([[w, h] for h, w in shapes], f32)
         locations = refs[:, :, None, None, None, :] + offsets / normalizer[:, None, :]
         core = functools.partial(ms_deform_sample, shapes=shapes)
         if self.remat:
             core = jax.checkpoint(core)
         out = core(v, locations=locations, weights=weights)
-        return nn.Dense(c, kernel_init=xavier, name="output_proj")(out)
+        return nn.Dense(c, kernel_init=xavier, dtype=self.dtype, name="output_proj")(out)

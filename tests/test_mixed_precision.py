@@ -1,0 +1,100 @@
+"""bfloat16 compute end to end (backbone, head, loss inputs) against float32 on a tiny model.
+
+XLA's CPU backend evaluates a bf16 elementwise chain in float32 inside one fusion, so a bf16
+softmax barely moves the numbers here; the program itself is therefore checked too: in the bf16
+training program every exp, log, sigmoid, max and rsqrt (softmax, LayerNorm/GroupNorm
+statistics, the loss) reads float32.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import jaxprs_in_params
+
+from recyclelora_jax.losses import LossConfig, mask2former_loss
+from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
+from recyclelora_jax.models.mask2former import Mask2FormerHead
+from recyclelora_jax.models.segmentor import Segmentor
+
+ARCH = DinoV2Arch(embed_dim=64, depth=4, num_heads=2, patch_size=8, pos_grid=8)
+# Random points only (no importance sampling): a top-k over bf16 uncertainties would pick other
+# points, a discontinuity that says nothing about precision.
+LOSS = LossConfig(num_classes=19, num_points=256, importance_sample_ratio=0.0, oversample_ratio=1.0)
+STATISTICS = ("exp", "log", "log1p", "logistic", "reduce_max", "rsqrt")
+
+
+def _model(dtype) -> Segmentor:
+    # Layer scale 1 (as trained DINOv2 blocks are, not the 1e-5 init) so blocks matter in bf16.
+    backbone = DinoV2(ARCH, out_indices=(0, 1, 2, 3), dtype=dtype, layerscale_init=1.0)
+    head = Mask2FormerHead(
+        num_classes=19,
+        dim=32,
+        num_queries=19,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+    )
+    return Segmentor(backbone, head)
+
+
+def _inputs():
+    images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    labels = jax.random.randint(jax.random.key(1), (2, 64, 64), 0, 4)
+    labels = jnp.where(jnp.arange(64)[None, :, None] < 16, 255, labels)
+    params = _model(None).init(jax.random.key(2), images)["params"]
+    return images, labels, params
+
+
+def _loss_fn(dtype, images, labels):
+    model = _model(dtype)
+
+    def loss(params):
+        outputs = model.apply({"params": params}, images, train=True)
+        return mask2former_loss(outputs, labels, jax.random.key(3), LOSS)[0]
+
+    return model, loss
+
+
+def _relative(a, b) -> float:
+    a = jnp.concatenate([x.ravel() for x in jax.tree.leaves(a)])
+    b = jnp.concatenate([x.ravel() for x in jax.tree.leaves(b)])
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+
+
+def test_bf16_loss_and_gradients_close_to_float32():
+    images, labels, params = _inputs()
+    l32, g32 = jax.jit(jax.value_and_grad(_loss_fn(None, images, labels)[1]))(params)
+    model16, loss16 = _loss_fn(jnp.bfloat16, images, labels)
+    l16, g16 = jax.jit(jax.value_and_grad(loss16))(params)
+    outputs = model16.apply({"params": params}, images, train=True)
+    assert all(v.dtype == jnp.bfloat16 for v in outputs.values())  # the head computes in bf16
+    assert l16.dtype == jnp.float32  # ... and the loss reduces in float32
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))  # float32 parameters
+    # Measured: loss ~5e-4, head gradients 9 %, backbone gradients ~10 % (relative L2 over all
+    # leaves: 4 bf16 blocks, then the bf16 head and 3 matched prediction sets).
+    assert abs(float(l16 - l32)) / abs(float(l32)) < 2e-3
+    assert _relative(g32["head"], g16["head"]) < 0.15
+    assert _relative(g32["backbone"], g16["backbone"]) < 0.3
+
+
+def _statistics_dtypes(jaxpr) -> collections.Counter:
+    found: collections.Counter = collections.Counter()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in STATISTICS:
+            found[(eqn.primitive.name, str(eqn.invars[0].aval.dtype))] += 1
+        for sub in jaxprs_in_params(eqn.params):
+            found.update(_statistics_dtypes(sub))
+    return found
+
+
+def test_bf16_program_keeps_statistics_float32():
+    images, labels, params = _inputs()
+    shapes = jax.eval_shape(lambda: params)
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(_loss_fn(jnp.bfloat16, images, labels)[1]))(shapes)
+    found = _statistics_dtypes(jaxpr.jaxpr)
+    assert found[("exp", "float32")] and found[("rsqrt", "float32")]  # the ops are there ...
+    assert not [k for k in found if k[1] == "bfloat16"], found  # ... and none reads bf16
