@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from quiet import QUIET, check_load
+
 BATCH_DEFAULT, GRID, WIDTH, CLASSES = 2, 32, 1024, 19
 
 
@@ -31,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--remat", action="store_true", help="remat the deformable sampling (JAX)")
+    p.add_argument("--allow-loaded", action="store_true", help="run (flagged) on a busy machine")
     p.add_argument("--only", choices=("jax", "torch"), help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -121,13 +124,17 @@ def main() -> None:
     if args.only:
         child(args)
         return
+    load = check_load(args.allow_loaded)
     results = {}
     for which in ("jax", "torch"):
         cmd = [sys.executable, __file__, "--only", which, *sys.argv[1:]]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[which] = json.loads(out.strip().splitlines()[-1])
     j, t = results["jax"], results["torch"]
-    print(f"{j['version']}; {t['version']}; batch {args.batch}, {args.threads} threads, float32")
+    print(
+        f"{j['version']}; {t['version']}; batch {args.batch}, {args.threads} threads, float32; "
+        f"one-minute load average {load:.1f}{' (LOADED)' if load >= QUIET else ''}"
+    )
     print(
         "| fwd+bwd JAX s | fwd+bwd torch s | JAX/torch | JAX compile+1st s | "
         "peak RSS JAX GiB | peak RSS torch GiB | XLA temp GiB | remat |"

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from quiet import QUIET, check_load
+
 # size -> (width, depth, heads, out_indices): SPEC's ViT-L blocks, quarter ends for S/B.
 SIZES = {
     "s": (384, 12, 6, (2, 5, 8, 11)),
@@ -63,6 +65,7 @@ def parse_args() -> argparse.Namespace:
         default="",
         help="keep the JAX adapter-init cache here across runs (default: a temporary folder)",
     )
+    p.add_argument("--allow-loaded", action="store_true", help="run (flagged) on a busy machine")
     p.add_argument("--child", nargs=2, metavar=("FRAMEWORK", "SIZE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     unknown = set(args.sizes.split(",")) - SIZES.keys()
@@ -392,6 +395,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    start_load = check_load(args.allow_loaded)
     argv = sys.argv[1:]
     lines, versions = [], {}
     for size in args.sizes.split(","):
@@ -407,7 +411,8 @@ def main() -> None:
     print(
         f"{platform.machine()}, {args.threads} threads; {'; '.join(versions.values())}; "
         f"batch {args.batch}, {args.crop} px, float32, median of {args.steps} after "
-        f"{args.warmup} warm-up; JAX backbone remat: {args.remat}"
+        f"{args.warmup} warm-up; JAX backbone remat: {args.remat}; one-minute load average "
+        f"{start_load:.1f} at start{' (LOADED)' if start_load >= QUIET else ''}"
     )
     print(
         "| model | steps | JAX s/step | torch s/step | torch / JAX | JAX img/s | torch img/s | "

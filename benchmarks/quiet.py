@@ -1,0 +1,27 @@
+"""The one-minute load average, checked before a CPU benchmark: on a shared machine other jobs
+slow PyTorch's thread pool more than XLA's, so ratios taken under load are not facts."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+QUIET = 1.0  # below this one-minute load average a CPU timing is taken as quiet
+
+
+def check_load(allow_loaded: bool) -> float:
+    """Print the load average; exit unless it is quiet or ``allow_loaded`` (then flag it)."""
+    load = os.getloadavg()[0]
+    if load < QUIET:
+        print(f"one-minute load average {load:.2f} (quiet)", file=sys.stderr)
+        return load
+    if not allow_loaded:
+        sys.exit(
+            f"one-minute load average {load:.2f} >= {QUIET}: the machine is busy and the timings "
+            "would not be comparable; rerun when it is quiet, or pass --allow-loaded to record "
+            "a run flagged LOADED"
+        )
+    print(
+        f"LOADED: one-minute load average {load:.2f}; timings are not comparable", file=sys.stderr
+    )
+    return load
