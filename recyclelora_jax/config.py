@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
         remat=False,
         dtype="float32",  # compute dtype ("bfloat16" for mixed precision)
         param_dtype="float32",  # storage of the frozen weights ("bfloat16" halves memory)
-        attention="auto",  # reference | xla | cudnn | pallas; auto: cuDNN GPU, XLA TPU, else reference
+        attention="auto",  # reference, xla, cudnn or pallas; auto picks by backend
     )
     c.model.head = dict(
         name="mask2former",
