@@ -1,9 +1,10 @@
 """The default of ``python train.py``: RecycleLoRA at toy scale on synthetic domain-shift data.
 
-A small DINOv2-architecture ViT (pretrained here by masked-image modelling, or your converted
-DINOv2 via --config.model.backbone.weights) is frozen and adapted on the flat "synthetic" style
-(GTAV layout), then evaluated on held-out synthetic images and on the unseen "photo" and "dusk"
-styles (Cityscapes layout), beside the frozen-backbone and plain-LoRA baselines.
+A small DINOv2-architecture ViT (pretrained here by dense cross-view contrast, or your
+converted DINOv2 via --config.model.backbone.weights) is frozen and adapted on the game-rendered
+"synthetic" style (GTAV layout), then evaluated on held-out synthetic images and on the unseen
+"photo" and "dusk" styles (Cityscapes layout), beside the frozen-backbone and plain-LoRA
+baselines.
 """
 
 from recyclelora_jax.config import (
@@ -40,7 +41,7 @@ def get_config(arg=None):
         ),
         pretrain_steps=300,
         pretrain_batch=16,
-        pretrain_crop=64,
+        pretrain_crop=80,  # two 64-px views at independent patch offsets
         pretrain_lr=1e-3,
         baselines=("frozen", "lora"),
         png_per_dataset=2,
@@ -71,7 +72,7 @@ def get_config(arg=None):
         stride=85,
     )
     if quick:
-        c.demo.update(pretrain_steps=2, pretrain_batch=4, pretrain_crop=32)
+        c.demo.update(pretrain_steps=2, pretrain_batch=4, pretrain_crop=48)
         c.model.head = dict(name="mask2former", num_classes=19, **TINY_MASK2FORMER)
         c.train.update(steps=2, batch_size=2, log_every=1, checkpoint_every=2, eval_every=2)
         c.data.crop_size = 32

@@ -3,8 +3,9 @@
 1. Write the synthetic domain-shift scenes in the GTAV and Cityscapes layouts and build them
    with the real TFDS builders (once; cached under ``demo.data_dir``).
 2. Obtain a "foundation" ViT: the user's converted DINOv2 when ``model.backbone.weights`` is
-   set, else a small DINOv2-architecture ViT pretrained by masked-image modelling on unlabelled
-   images of every style (cached in the workdir) -- no weights can be downloaded here.
+   set, else a small DINOv2-architecture ViT pretrained by dense contrast across photometric
+   views on unlabelled images of every style (cached in the workdir) -- no weights can be
+   downloaded here.
 3. Freeze it, attach RecycleLoRA with the RRQR init, train on the "synthetic" style only.
 4. Evaluate on held-out synthetic images (source) and on the unseen styles (targets), then the
    same for the baselines (frozen backbone, plain LoRA), and print one comparison table.
@@ -25,7 +26,7 @@ from recyclelora_jax.convert import save_converted
 from recyclelora_jax.data.pipeline import Source, make_train_loader
 from recyclelora_jax.data.synthetic import prepare_synthetic_once
 from recyclelora_jax.models.dinov2 import DinoV2
-from recyclelora_jax.pretrain import pretrain_mim
+from recyclelora_jax.pretrain import pretrain_contrastive
 from recyclelora_jax.runner import make_evaluator
 from recyclelora_jax.train.loop import train
 
@@ -45,7 +46,7 @@ def prepare_data(d: ml_collections.ConfigDict) -> Path:
 
 
 def foundation_weights(cfg: ml_collections.ConfigDict, workdir: Path) -> Path:
-    """Masked-image-model pretraining of the stand-in backbone on every style's train images."""
+    """Style-invariant pretraining of the stand-in backbone on every style's train images."""
     file = workdir / "foundation.safetensors"
     if file.exists():
         return file
@@ -62,7 +63,9 @@ def foundation_weights(cfg: ml_collections.ConfigDict, workdir: Path) -> Path:
         seed=cfg.seed,
     )
     images = (batch["image"] for batch in loader)
-    params = pretrain_mim(backbone, images, steps=d.pretrain_steps, lr=d.pretrain_lr, seed=cfg.seed)
+    params = pretrain_contrastive(
+        backbone, images, steps=d.pretrain_steps, lr=d.pretrain_lr, seed=cfg.seed
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(".tmp")
     save_converted(tmp, backbone, params)

@@ -73,7 +73,9 @@ def _miou(pred, y):
 
 
 def test_a_model_trained_on_the_synthetic_style_drops_on_the_real_styles():
-    """Softmax regression on per-pixel colour/texture features, 200 full-batch steps."""
+    """Softmax regression on per-pixel colour/texture features, 200 full-batch steps: the
+    per-pixel colour baseline that a frozen foundation model must beat on the targets. The
+    source varies colours within a class, so it is no colour lookup either."""
     x, y = _pixels("synthetic", range(30))
     keep = np.random.default_rng(0).choice(len(y), 20000, replace=False)
     x, y = x[keep], y[keep]
@@ -87,6 +89,6 @@ def test_a_model_trained_on_the_synthetic_style_drops_on_the_real_styles():
     for style in synthetic.STYLES:
         xv, yv = _pixels(style, range(100, 115))  # held-out scenes
         scores[style] = _miou((xv @ w).argmax(1), yv)
-    print(scores)  # measured: synthetic 34.0 mIoU, photo 11.0, dusk 9.1
-    assert scores["synthetic"] > 25, scores
-    assert max(scores["photo"], scores["dusk"]) < scores["synthetic"] - 12, scores
+    print(scores)  # measured: synthetic 15.05 mIoU, photo 8.17, dusk 6.39
+    assert 12 < scores["synthetic"] < 20, scores  # the flat palette of old gave 34.0
+    assert max(scores["photo"], scores["dusk"]) < scores["synthetic"] - 5, scores

@@ -34,6 +34,13 @@ FLAT = np.array(
      [70, 130, 180], [220, 20, 60], [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100],
      [0, 80, 100], [0, 0, 230], [119, 11, 32]], np.float32,
 )  # fmt: skip
+# Base colours of the game style: its own palette (neither the label palette nor the targets').
+GAME = np.array(
+    [[70, 68, 75], [180, 170, 140], [0, 0, 0], [200, 190, 170], [140, 100, 60],
+     [90, 95, 100], [35, 35, 35], [230, 230, 230], [40, 130, 60], [150, 140, 60],
+     [0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0],
+     [0, 0, 0], [120, 60, 40], [0, 0, 0], [0, 0, 0]], np.float32,
+)  # fmt: skip
 # Base colours of the real styles (object classes get random colours on top, see `_render`).
 REAL = np.array(
     [[95, 95, 100], [160, 155, 150], [150, 120, 95], [170, 165, 150], [120, 110, 90],
@@ -162,6 +169,60 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) 
     return np.clip(cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC), -1, 1)
 
 
+def _hsv_colours(
+    rng: np.random.Generator, n: int, sat: tuple, val: tuple, hue: tuple = (0, 6)
+) -> np.ndarray:
+    """`n` RGB colours (0-255) of random hue (0 red, 2 green, 4 blue) and saturation/value."""
+    hue = rng.uniform(*hue, n)
+    s, v = rng.uniform(*sat, n), rng.uniform(*val, n)
+    k = (np.float32([5, 3, 1])[None] + hue[:, None]) % 6
+    rgb = v[:, None] * (1 - s[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1))
+    return (255 * rgb).astype(np.float32)
+
+
+def _render_game(labels: np.ndarray, instances: np.ndarray, rng: np.random.Generator):
+    """The source style: a game's rendering statistics (GTAV's role), distinct from the targets'.
+
+    Colours vary within a class (per-instance tints, any hue for vehicles and clothing, facades
+    of any colour), surfaces carry crisp procedural textures (paving grid, grass rows, leaf
+    stipple, lit window grids), lighting is hard per-object shading under a clean sky gradient,
+    with no sensor noise, colour cast or blur -- so a colour lookup does not solve it and what
+    carries over to the targets is shape and context.
+    """
+    h, w = labels.shape
+    safe = np.where(labels == IGNORE, 0, labels)
+    n = int(instances.max()) + 1
+    tint = rng.uniform(0.75, 1.25, (n, 3)) * rng.uniform(0.7, 1.3, (n, 1))
+    img = GAME[safe] * tint.astype(np.float32)[instances]
+    objects = np.isin(labels, sorted(VEHICLES | CLOTHED))
+    img[objects] = _hsv_colours(rng, n, (0.5, 1.0), (0.35, 1.0))[instances[objects]]
+    building = labels == C["building"]
+    facade = _hsv_colours(rng, n, (0.0, 0.5), (0.3, 0.9))[instances]
+    img[building] = facade[building]
+    rows, cols = np.arange(h)[:, None], np.arange(w)[None, :]
+    fine = rng.uniform(-1, 1, (h, w)).astype(np.float32)
+    img[building & (rows % 7 < 4) & (cols % 6 < 3)] = np.float32([150, 190, 215])
+    paving = (rows % 6 == 0) | (cols % 9 == 0)
+    img[(labels == C["sidewalk"]) & paving] *= 0.7
+    img[labels == C["terrain"]] *= (0.85 + 0.15 * (rows % 3 == 0))[..., None].repeat(w, 1)[
+        labels == C["terrain"]
+    ]
+    leaves = cv2.blur(fine, (3, 3)) > 0.15
+    img[(labels == C["vegetation"]) & leaves] *= 1.35
+    img[labels == C["road"]] += (6 * fine[labels == C["road"]])[:, None]
+    sky = labels == C["sky"]
+    top = _hsv_colours(rng, 1, (0.4, 0.8), (0.6, 1.0), (3.3, 4.3))[0]
+    warm = rng.random() < 0.3  # a sunset horizon, else a paler blue
+    horizon = _hsv_colours(rng, 1, (0.2, 0.6), (0.8, 1.0), (0.2, 0.9) if warm else (3.2, 4.0))[0]
+    frac = (rows / h).repeat(w, 1)[sky][:, None]
+    img[sky] = (1 - frac) * top + frac * horizon
+    shade = rng.uniform(0.7, 1.1, n).astype(np.float32)
+    img *= shade[instances][..., None]
+    img = (img / 255) ** rng.uniform(0.8, 1.2) * 255
+    img[labels == IGNORE] = 20
+    return np.clip(img, 0, 255).round().astype(np.uint8)
+
+
 def render(labels: np.ndarray, instances: np.ndarray, style: str, rng: np.random.Generator):
     """Renders a scene in `style`; returns (H, W, 3) uint8 RGB."""
     if style not in STYLES:
@@ -169,10 +230,7 @@ def render(labels: np.ndarray, instances: np.ndarray, style: str, rng: np.random
     safe = np.where(labels == IGNORE, 0, labels)
     n = int(instances.max()) + 1
     if style == "synthetic":
-        jitter = rng.uniform(-12, 12, (n, 3)).astype(np.float32)
-        img = FLAT[safe] + jitter[instances]
-        img[labels == IGNORE] = 20
-        return np.clip(img, 0, 255).astype(np.uint8)
+        return _render_game(labels, instances, rng)
     colours = REAL[safe] * rng.uniform(0.8, 1.2, (n, 1)).astype(np.float32)[instances]
     random_colour = rng.uniform(20, 235, (n, 3)).astype(np.float32)[instances]
     objects = np.isin(labels, sorted(VEHICLES | CLOTHED))
