@@ -43,7 +43,7 @@ from recyclelora_jax.train.checkpoint import (
     CheckpointMismatchError,
     abstract_like,
 )
-from recyclelora_jax.train.loop import build_run, init_opt_state, make_step_fn, train
+from recyclelora_jax.train.loop import Preempted, build_run, init_opt_state, make_step_fn, train
 from recyclelora_jax.train.sharding import tree_shardings
 
 
@@ -404,7 +404,8 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(reference_run, data, tmp_
 
     stopped = copy.deepcopy(cfg)
     stopped.train.eval_every = 3
-    train(stopped, tmp_path, preempt)
+    with pytest.raises(Preempted, match="after step 3"):
+        train(stopped, tmp_path, preempt)
     assert steps_seen == [3]
     ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
     assert ckpt.latest_step() == 3 and ckpt.manager.all_steps() == [2, 3]
