@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import jaxprs_in_params
 
+from recyclelora_jax.config import TINY_MASK2FORMER
 from recyclelora_jax.losses import LossConfig, mask2former_loss
 from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
 from recyclelora_jax.models.mask2former import Mask2FormerHead
@@ -29,15 +30,9 @@ STATISTICS = ("exp", "log", "log1p", "logistic", "reduce_max", "rsqrt")
 def _model(dtype) -> Segmentor:
     # Layer scale 1 (as trained DINOv2 blocks are, not the 1e-5 init) so blocks matter in bf16.
     backbone = DinoV2(ARCH, out_indices=(0, 1, 2, 3), dtype=dtype, layerscale_init=1.0)
-    head = Mask2FormerHead(
-        num_classes=19,
-        dim=32,
-        num_queries=19,
-        encoder_layers=1,
-        decoder_layers=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-    )
+    # The shared tiny head (config.TINY_MASK2FORMER), here with two decoder layers.
+    tiny = {k: v for k, v in TINY_MASK2FORMER.items() if k != "loss"}
+    head = Mask2FormerHead(num_classes=19, **{**tiny, "decoder_layers": 2})
     return Segmentor(backbone, head)
 
 
