@@ -29,10 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
-import safetensors.numpy
 
-from recyclelora_jax import convert
+from recyclelora_jax import convert, safetensors_file
 from recyclelora_jax.models.adapters import ADAPTER_PREFIX, AdapterSpec
 from recyclelora_jax.models.dinov2 import DinoV2
 from recyclelora_jax.models.mask2former import (
@@ -434,9 +432,8 @@ def read_official(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, An
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.suffix == ".safetensors":
-        with safetensors.safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-        state, text = safetensors.numpy.load_file(str(path)), meta.get("cfg", "")
+        state, meta = safetensors_file.load(path)
+        text = meta.get("cfg", "")
     else:
         obj = load_pth(path, opaque=True)
         if not isinstance(obj, Mapping):
@@ -468,7 +465,8 @@ def save_mmseg_checkpoint(
 ) -> None:
     """Write ``model`` in the official layout: ``.pth`` (``{"meta": {"cfg"}, "state_dict"}``,
     loadable by mmengine's ``load_checkpoint`` and ``torch.load(weights_only=True)``) or
-    ``.safetensors``. ``merged``: fold the adapters into the kernels (a plain backbone, as the
+    ``.safetensors`` (through ``safetensors_file``); either appears whole, with the umask's
+    permissions. ``merged``: fold the adapters into the kernels (a plain backbone, as the
     official code runs in eval mode); else keep them, the kernel holding the residual."""
     if merged and model.backbone.adapters:
         params = {**params, "backbone": merge(params["backbone"], model.backbone.adapters)}
@@ -476,9 +474,7 @@ def save_mmseg_checkpoint(
     state, text = to_official(model, params), config_text(model)
     path = Path(path)
     if path.suffix == ".safetensors":
-        tmp = path.with_name(path.name + ".tmp")
-        safetensors.numpy.save_file(dict(state), str(tmp), metadata={"cfg": text})
-        tmp.replace(path)
+        safetensors_file.save(path, dict(state), {"cfg": text})
     elif path.suffix in (".pth", ".pt"):
         write_pth(path, {"meta": {"cfg": text}, "state_dict": state})
     else:

@@ -290,19 +290,23 @@ class _PickleWriter:
 
 def write_pth(path: str | Path, obj: Any) -> None:
     """Write ``obj`` (see :class:`_PickleWriter` for what it may hold) as ``torch.save`` would,
-    little-endian, stored uncompressed; written to a temporary name, then renamed."""
+    little-endian, stored uncompressed; written to a temporary name, then renamed (a failed
+    write leaves nothing)."""
     path = Path(path)
     writer = _PickleWriter()
     writer.out.write(pickle.PROTO + b"\x02")
     writer.emit(obj)
     writer.out.write(pickle.STOP)
     root = path.stem or "archive"
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
-        archive.writestr(f"{root}/data.pkl", writer.out.getvalue())
-        archive.writestr(f"{root}/byteorder", "little")
-        for key, array in enumerate(writer.storages):
-            data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-            archive.writestr(f"{root}/data/{key}", data)
-        archive.writestr(f"{root}/version", "3\n")
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+            archive.writestr(f"{root}/data.pkl", writer.out.getvalue())
+            archive.writestr(f"{root}/byteorder", "little")
+            for key, array in enumerate(writer.storages):
+                data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+                archive.writestr(f"{root}/data/{key}", data)
+            archive.writestr(f"{root}/version", "3\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

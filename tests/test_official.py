@@ -5,11 +5,17 @@ import is bit-identical; bad checkpoints name their keys."""
 
 from __future__ import annotations
 
+import os
+import re
+import stat
+import zipfile
+
 import _mmseg
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 import transformers
 from _torch_dinov2 import TINY, fair_state_dict
@@ -201,6 +207,39 @@ def test_import_export_import_is_bit_identical(official, tmp_path, suffix):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k
+
+
+@pytest.fixture
+def umask():
+    previous = os.umask(0o027)
+    yield
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_exports_appear_whole_with_the_umask_permissions(official, tmp_path, umask, suffix):
+    """Both formats: mode 0666 & ~umask (the safetensors writer alone would give 0600), nothing
+    beside the file; a write failing midway leaves neither the file nor a temporary one; a
+    damaged file is named when read."""
+    _, ours, params, _ = official
+    path = tmp_path / f"model{suffix}"
+    save_mmseg_checkpoint(path, ours, params)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    path.unlink()
+
+    def failing(*args, **kwargs):
+        raise OSError("disk full")
+
+    writer = (zipfile.ZipFile, "writestr") if suffix == ".pth" else (safetensors.numpy, "save_file")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(*writer, failing)
+        with pytest.raises(OSError, match="disk full"):
+            save_mmseg_checkpoint(path, ours, params)
+    assert list(tmp_path.iterdir()) == []
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: "):
+        load_mmseg_checkpoint(path)
 
 
 def test_checkpoint_without_adapters_is_a_plain_backbone(tmp_path):
