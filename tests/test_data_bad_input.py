@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the file (or, when asked, a logged count of skips);
 an interrupted prepare leaves no loadable half dataset and resumes without redoing chunks."""
 
+import json
 import logging
 
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from recyclelora_jax.data import convert, synthetic
+from recyclelora_jax.data import codecs, convert, labels, synthetic
+from recyclelora_jax.data.builders import unknown_labels
 from recyclelora_jax.data.prepare import main, prepare
 
 
@@ -39,10 +41,91 @@ def test_image_without_label_is_named(gtav, tmp_path):
         _prepare(gtav, tmp_path)
 
 
-def test_values_outside_the_table_are_named(gtav, tmp_path):
-    Image.fromarray(np.full((16, 32), 40, np.uint8)).save(gtav / "labels" / "00001.png")
-    with pytest.raises(ValueError, match=r"00001\.png: label values \[40\] are not in the GTAV"):
-        _prepare(gtav, tmp_path)
+def _plant_unknown_values(gtav) -> dict[str, np.ndarray]:
+    """Values outside the GTAV table (34..255) in two of the six labels; all raw labels."""
+    raws = {p.name: np.asarray(Image.open(p)) for p in sorted((gtav / "labels").glob("*.png"))}
+    raws["00001.png"] = raws["00001.png"].copy()
+    raws["00001.png"][:3, :5], raws["00001.png"][10:, 30:] = 40, 200
+    raws["00004.png"] = raws["00004.png"].copy()
+    raws["00004.png"][5:7] = 40
+    for name in ("00001.png", "00004.png"):
+        Image.fromarray(raws[name]).save(gtav / "labels" / name)
+    return raws
+
+
+def test_values_outside_the_table_become_ignore_counted_and_recorded(gtav, tmp_path, capsys):
+    """The reference's mapping by default: each value outside the table is ignore (255), the
+    stored labels equal the reference converter's rule written out here, and the pixels per
+    value and file are summarised at the end and kept in the dataset's metadata."""
+    raws = _plant_unknown_values(gtav)
+    main(["dg_gtav", f"--manual_dir={gtav}", f"--data_dir={tmp_path / 'tfds'}", "--num_workers=1"])
+    source = tfds.data_source("dg_gtav", split="train", data_dir=str(tmp_path / "tfds"))
+    assert len(source) == 6
+    for example in source:
+        raw = raws[example["file_name"].decode()]
+        want = np.full(raw.shape, 255, np.uint8)  # DAFormer's gta.py: 255, then each table id
+        for raw_id, train_id in labels.CITYSCAPES_ID_TO_TRAIN.items():
+            want[raw == raw_id] = train_id
+        np.testing.assert_array_equal(codecs.decode_label(example["label"]), want)
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "  label values outside the GTAV table, mapped to ignore (255), in 2 files: "
+        "40 (79 pixels in 2 files), 200 (12 pixels in 1 file)"
+    )
+    report = unknown_labels(tfds.builder("dg_gtav", data_dir=str(tmp_path / "tfds")))
+    assert report["train"].files == {"00001.png": {40: 15, 200: 12}, "00004.png": {40: 64}}
+    assert report["train"].values() == {
+        40: {"pixels": 79, "files": 2},
+        200: {"pixels": 12, "files": 1},
+    }
+    (tmp_path / "tfds" / "dg_gtav" / "1.0.0" / "metadata.json").unlink()  # an older dataset
+    assert unknown_labels(tfds.builder("dg_gtav", data_dir=str(tmp_path / "tfds"))) == {}
+
+
+def test_strict_labels_name_the_file_and_its_values(gtav, tmp_path, caplog):
+    """`--strict_labels` stops at the file (values and pixel counts named); with
+    `--skip_invalid` it drops such images as `--skip_invalid` alone did before the mapping
+    became the default; `--skip_invalid` alone now keeps them (values mapped to ignore)."""
+    _plant_unknown_values(gtav)
+    with pytest.raises(
+        ValueError,
+        match=r"00001\.png: label values \[40, 200\] are not in the GTAV label table "
+        r"\(pixels: \[15, 12\]\) \(use --skip_invalid",
+    ):
+        main(["dg_gtav", f"--manual_dir={gtav}", f"--data_dir={tmp_path / 'a'}", "--strict_labels"])
+    with caplog.at_level(logging.WARNING):
+        strict = prepare("dg_gtav", gtav, tmp_path / "b", skip_invalid=True, strict_labels=True)
+    assert strict.info.splits["train"].num_examples == 4
+    assert "Skipped 2 invalid files of 6" in caplog.text
+    assert unknown_labels(strict)["train"].files == {}
+    default = prepare("dg_gtav", gtav, tmp_path / "c", skip_invalid=True)
+    assert default.info.splits["train"].num_examples == 6
+    assert set(unknown_labels(default)["train"].files) == {"00001.png", "00004.png"}
+
+
+def test_cache_chunks_from_before_the_count(gtav, tmp_path, monkeypatch, caplog):
+    """Chunks written before unknown values were counted (no `unknown` entry) are read when
+    they skipped nothing (such values then stopped the prepare, so there were none); one that
+    skipped files may have skipped them for such values and is converted again, saying so."""
+    monkeypatch.setattr(convert, "CHUNK_SIZE", 3)
+    builder = tfds.builder("dg_gtav", data_dir=str(tmp_path / "tfds"))
+    pairs, task, cache_dir = builder._conversion(gtav, "train")
+    for chunk, path in convert.fill_cache(pairs, task, cache_dir):
+        with np.load(path) as z:
+            arrays = dict(z)
+        info = json.loads(arrays["json"].tobytes())
+        del info["unknown"]
+        info["skipped"] = ["labels/00009.png: ..."] if chunk[0].name == "00004.png" else []
+        arrays["json"] = np.frombuffer(json.dumps(info).encode(), np.uint8)
+        np.savez(path, **arrays)
+    calls = []
+    original = convert.convert_pair
+    monkeypatch.setattr(
+        convert, "convert_pair", lambda p, t: calls.append(p.name) or original(p, t)
+    )
+    with caplog.at_level(logging.WARNING):
+        examples = list(convert.convert_all(pairs, task, cache_dir))
+    assert len(examples) == 6 and calls == ["00004.png", "00005.png", "00006.png"]
+    assert caplog.text.count("predates the counting of unknown label values") == 1
 
 
 def test_empty_folder_and_wrong_layout(tmp_path):

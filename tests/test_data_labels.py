@@ -1,6 +1,8 @@
 """Label tables against their authoritative sources."""
 
 import json
+import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -118,7 +120,25 @@ def test_mapillary_config_maps_by_spec_rules(tmp_path):
         and (np.delete(old_rule.lut, frame) == np.delete(table.lut, frame)).all()
     )
     with pytest.raises(ValueError, match="66"):
-        table.map(np.array([[66]], np.uint8), "x.png")
+        table.map(np.array([[66]], np.uint8), "x.png", strict=True)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_values_outside_a_table_become_ignore_and_are_counted(dtype):
+    """As the reference's converters do (255 everywhere, then each table id written over it),
+    for 8-bit ids and SYNTHIA's 16-bit ones (values above 255 included)."""
+    raw = np.random.default_rng(0).integers(0, 40 if dtype == np.uint8 else 400, (9, 11))
+    raw = raw.astype(dtype)
+    want = np.full(raw.shape, 255, np.uint8)
+    for k, v in labels.SYNTHIA_ID_TO_TRAIN.items():
+        want[raw == k] = v
+    np.testing.assert_array_equal(labels.SYNTHIA.map(raw), want)
+    outside = Counter(v for v in raw.ravel().tolist() if v >= 23)
+    assert labels.SYNTHIA.unknown(raw) == dict(sorted(outside.items()))
+    assert labels.SYNTHIA.unknown(raw[raw < 23]) == {}
+    message = f"x.png: label values {sorted(outside)} are not in the SYNTHIA label table "
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        labels.SYNTHIA.map(raw, "x.png", strict=True)
 
 
 def test_mapillary_rejects_v2_names(tmp_path):

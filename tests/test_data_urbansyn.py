@@ -53,7 +53,9 @@ def test_urbansyn_layout_errors_name_the_file(tmp_path):
     with pytest.raises(
         ValueError, match=r"ss_0001\.png: label values \[33\] are not in the UrbanSyn"
     ):
-        prepare("dg_urbansyn", tmp_path / "bad", tmp_path / "tfds2", num_workers=1)
+        prepare(
+            "dg_urbansyn", tmp_path / "bad", tmp_path / "tfds2", num_workers=1, strict_labels=True
+        )
     assert len(raw) == 2
 
 

@@ -2,11 +2,14 @@
 
 Each example: `image` (the original encoded bytes, or PNG when resized), `label` (PNG of train
 ids, 255 = ignore, same size as the image) and `file_name`. `MANUAL_DOWNLOAD_INSTRUCTIONS` of each
-builder is the folder layout `--manual_dir` must hold (that of the official download).
+builder is the folder layout `--manual_dir` must hold (that of the official download). The label
+values found outside the dataset's table (mapped to ignore) are kept, per split and per file,
+in the dataset's `metadata.json` (`unknown_labels`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shutil
 from pathlib import Path
@@ -17,7 +20,16 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from recyclelora_jax.data import codecs, labels, layouts
-from recyclelora_jax.data.convert import ConvertTask, Pair, convert_all, fill_cache
+from recyclelora_jax.data.convert import ConvertTask, Pair, UnknownLabels, convert_all, fill_cache
+
+UNKNOWN_LABELS = "unknown_labels"  # metadata key: split -> `UnknownLabels.to_json()`
+
+
+def unknown_labels(builder: tfds.core.DatasetBuilder) -> dict[str, UnknownLabels]:
+    """Split -> the label values outside the table a prepared dataset met (none for a dataset
+    prepared before they were recorded: its prepare stopped at any)."""
+    metadata = dict((builder.info.metadata or {}).items())  # items() loads TFDS's lazy dict
+    return {k: UnknownLabels.from_json(v) for k, v in metadata.get(UNKNOWN_LABELS, {}).items()}
 
 
 class DgBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -28,9 +40,17 @@ class DgBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     code_path = epath.Path(__file__)
     SPLITS: ClassVar[dict[str, str]] = {}  # TFDS split name → the dataset's own split folder name
 
-    def __init__(self, *, skip_invalid: bool = False, num_workers: int = 1, **kwargs):
+    def __init__(
+        self,
+        *,
+        skip_invalid: bool = False,
+        strict_labels: bool = False,
+        num_workers: int = 1,
+        **kwargs,
+    ):
         kwargs.setdefault("file_format", "array_record")
         self.skip_invalid = skip_invalid
+        self.strict_labels = strict_labels
         self.num_workers = num_workers
         super().__init__(**kwargs)
 
@@ -45,6 +65,7 @@ class DgBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     "file_name": tfds.features.Text(),
                 }
             ),
+            metadata=tfds.core.MetadataDict(),
         )
 
     @property
@@ -72,20 +93,26 @@ class DgBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         root = Path(dl_manager.manual_dir)  # TFDS has checked that it exists and is not empty
         return {
-            split: self._generate_examples(root, folder) for split, folder in self.SPLITS.items()
+            split: self._generate_examples(root, split, folder)
+            for split, folder in self.SPLITS.items()
         }
 
     def _conversion(self, root: Path, split: str) -> tuple[list[Pair], ConvertTask, Path]:
-        return self.pairs(root, split), self.task(root, split), self.cache_dir / split
+        task = dataclasses.replace(self.task(root, split), strict_labels=self.strict_labels)
+        return self.pairs(root, split), task, self.cache_dir / split
 
     @property
     def _convert_options(self) -> dict:
         return {"num_workers": self.num_workers, "skip_invalid": self.skip_invalid}
 
-    def _generate_examples(self, root: Path, split: str):
-        examples = convert_all(*self._conversion(root, split), **self._convert_options)
-        for example in examples:
+    def _generate_examples(self, root: Path, split: str, folder: str):
+        """The examples of ``folder``; once all are out, its `UnknownLabels` go into the
+        metadata that TFDS writes with the dataset."""
+        pairs, task, cache = self._conversion(root, folder)
+        report = UnknownLabels(task.table.name)
+        for example in convert_all(pairs, task, cache, report=report, **self._convert_options):
             yield example["file_name"], example
+        self.info.metadata.setdefault(UNKNOWN_LABELS, {})[split] = report.to_json()
 
     def pair_files(
         self,

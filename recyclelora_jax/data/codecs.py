@@ -57,15 +57,13 @@ def decode_label(data: bytes, file_name: str = "<bytes>") -> np.ndarray:
 
 
 def decode_label_channel(data: bytes, file_name: str = "<bytes>", *, channel: int) -> np.ndarray:
-    """One channel (RGB index) of a possibly 16-bit colour PNG, as SYNTHIA stores its class ids."""
+    """One channel (RGB index) of a possibly 16-bit colour PNG, as SYNTHIA stores its class ids
+    (uint8 or uint16: ids above 255 are outside every table, reported like any unknown value)."""
     _require_png(data, file_name)
     raw = _cv2_decode(data, file_name, cv2.IMREAD_UNCHANGED)
     if raw is None or raw.ndim != 3:
         raise ValueError(f"{file_name}: not a decodable colour label image")
-    ids = raw[:, :, 2 - channel]  # OpenCV is BGR
-    if ids.max() > 255:
-        raise ValueError(f"{file_name}: label ids above 255")
-    return ids.astype(np.uint8)
+    return raw[:, :, 2 - channel]  # OpenCV is BGR
 
 
 def encode_png(array: np.ndarray) -> bytes:

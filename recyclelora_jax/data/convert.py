@@ -4,6 +4,9 @@ The work is split into chunks converted in parallel; each finished chunk is writ
 a cache folder, so an interrupted `prepare` resumes where it stopped instead of redoing it. A
 chunk is plain arrays and JSON in an `.npz` read with `allow_pickle=False`: whoever can write into
 a shared data folder can spoil a cached chunk (it is then converted again) but not run code.
+
+Label values outside the dataset's table become ignore, as in the reference's conversion tools;
+each chunk records them per file, and `convert_all` sums them into an `UnknownLabels` report.
 """
 
 from __future__ import annotations
@@ -49,6 +52,49 @@ class ConvertTask:
     table: LabelTable
     read_label: Callable[[bytes, str], np.ndarray] = codecs.decode_label
     halve: bool = False  # Mapillary evaluation protocol: `halve` (the official tool's rule)
+    strict_labels: bool = False  # a value outside the table is an error (else ignore, counted)
+
+
+@dataclasses.dataclass
+class UnknownLabels:
+    """Label values outside the table (mapped to ignore): pixels per value in each file."""
+
+    table: str
+    files: dict[str, dict[int, int]] = dataclasses.field(default_factory=dict)
+
+    def values(self) -> dict[int, dict[str, int]]:
+        """Each value found, ascending: ``{"pixels": total, "files": files holding it}``."""
+        out: dict[int, dict[str, int]] = {}
+        for counts in self.files.values():
+            for value, pixels in counts.items():
+                entry = out.setdefault(value, {"pixels": 0, "files": 0})
+                entry["pixels"] += pixels
+                entry["files"] += 1
+        return dict(sorted(out.items()))
+
+    def summary(self) -> str:
+        values = self.values()
+        if not values:
+            return f"every label value is in the {self.table} table"
+        listed = ", ".join(
+            f"{v} ({e['pixels']} pixels in {_files(e['files'])})" for v, e in values.items()
+        )
+        return (
+            f"label values outside the {self.table} table, mapped to ignore (255), in "
+            f"{_files(len(self.files))}: {listed}"
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "table": self.table,
+            "values": {str(v): e for v, e in self.values().items()},
+            "files": {f: {str(v): n for v, n in c.items()} for f, c in self.files.items()},
+        }
+
+    @classmethod
+    def from_json(cls, record: dict) -> UnknownLabels:
+        files = {f: {int(v): int(n) for v, n in c.items()} for f, c in record["files"].items()}
+        return cls(record["table"], files)
 
 
 def halve(
@@ -75,8 +121,13 @@ def halve(
     return image, label
 
 
-def convert_pair(pair: Pair, task: ConvertTask) -> dict:
-    """Reads, validates and encodes one pair; raises `ValueError` naming the offending file."""
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
+
+
+def convert_pair(pair: Pair, task: ConvertTask) -> tuple[dict, dict[int, int]]:
+    """Reads, validates and encodes one pair: (example, pixels per label value outside the
+    table); raises `ValueError` naming the offending file."""
     image_bytes = pair.image.read_bytes()
     image = codecs.decode_image(image_bytes, str(pair.image))
     raw = task.read_label(pair.label.read_bytes(), str(pair.label))
@@ -85,66 +136,96 @@ def convert_pair(pair: Pair, task: ConvertTask) -> dict:
             f"{pair.label}: label size {raw.shape[::-1]} differs from image size "
             f"{image.shape[1::-1]} of {pair.image}"
         )
-    label = task.table.map(raw, str(pair.label))
+    label = task.table.map(raw, str(pair.label), strict=task.strict_labels)
+    unknown = {} if task.strict_labels else task.table.unknown(raw)
     if task.halve:
         image, label = halve(image, label)
         image_bytes = codecs.encode_png(image)
-    return {"image": image_bytes, "label": codecs.encode_png(label), "file_name": pair.name}
+    example = {"image": image_bytes, "label": codecs.encode_png(label), "file_name": pair.name}
+    return example, unknown
 
 
 def _convert_chunk(pairs: Sequence[Pair], task: ConvertTask, skip_invalid: bool, out: Path) -> int:
     """Converts a chunk into `out` (written atomically); returns the number skipped."""
-    examples, skipped = [], []
+    examples, skipped, unknown = [], [], {}
     for pair in pairs:
         try:
-            examples.append(convert_pair(pair, task))
+            example, values = convert_pair(pair, task)
         except (ValueError, OSError) as err:
             if not skip_invalid:
                 raise ValueError(f"{err} (use --skip_invalid to skip bad files)") from err
             skipped.append(str(err))
-    _write_chunk(out, examples, skipped)
+            continue
+        examples.append(example)
+        if values:
+            unknown[pair.name] = values
+    _write_chunk(out, examples, skipped, unknown)
     return len(skipped)
 
 
-def _write_chunk(out: Path, examples: list[dict], skipped: list[str]) -> None:
-    """Encoded images and labels as two byte buffers with end offsets, names as JSON."""
+def _write_chunk(
+    out: Path, examples: list[dict], skipped: list[str], unknown: dict[str, dict[int, int]]
+) -> None:
+    """Encoded images and labels as two byte buffers with end offsets; names, skips and the
+    unknown label values per file as JSON."""
     arrays = {}
     for key in ("image", "label"):
         blobs = [e[key] for e in examples]
         arrays[f"{key}_bytes"] = np.frombuffer(b"".join(blobs), np.uint8)
         arrays[f"{key}_ends"] = np.cumsum([len(b) for b in blobs], dtype=np.int64)
-    text = json.dumps({"file_names": [e["file_name"] for e in examples], "skipped": skipped})
+    info = {
+        "file_names": [e["file_name"] for e in examples],
+        "skipped": skipped,
+        "unknown": {f: {str(v): n for v, n in c.items()} for f, c in unknown.items()},
+    }
+    text = json.dumps(info)
     arrays["json"] = np.frombuffer(text.encode(), np.uint8)
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, out)
 
 
-def _read_chunk(path: Path) -> dict | None:
-    """A chunk written by `_write_chunk`, or None if it is missing or not one (never unpickled)."""
+UNREADABLE = "is unreadable"
+STALE = "predates the counting of unknown label values and skipped files"
+
+
+def _read_chunk(path: Path) -> tuple[dict | None, str]:
+    """``(chunk, "")`` of a chunk written by `_write_chunk`, or ``(None, why not)`` if it is
+    missing, not one (it is never unpickled), or from before unknown label values were
+    counted and skipped files: those may have been skipped for such values, which are now kept
+    (one that skipped nothing had none, and is read)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             info = json.loads(z["json"].tobytes())
             names, skipped = info["file_names"], info["skipped"]
+            if "unknown" not in info and skipped:
+                return None, STALE
+            unknown = {
+                f: {int(v): int(n) for v, n in c.items()}
+                for f, c in info.get("unknown", {}).items()
+            }
             columns = {}
             for key in ("image", "label"):
                 data, ends = z[f"{key}_bytes"].tobytes(), z[f"{key}_ends"].tolist()
                 if len(ends) != len(names) or (ends and ends[-1] != len(data)):
-                    return None
+                    return None, UNREADABLE
                 columns[key] = [data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
-        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile):
+        return None, UNREADABLE
     examples = [
         {"image": i, "label": lab, "file_name": n}
         for i, lab, n in zip(columns["image"], columns["label"], names, strict=True)
     ]
-    return {"examples": examples, "skipped": [str(r) for r in skipped]}
+    return {"examples": examples, "skipped": [str(r) for r in skipped], "unknown": unknown}, ""
 
 
 def _chunk_key(pairs: Sequence[Pair], task: ConvertTask) -> str:
     """Names a chunk by its inputs (paths, sizes, mtimes) and options: stale caches go unused."""
     halving = task.halve and "official"  # the halving rule changed: caches of the old one unused
-    h = hashlib.sha1(repr((task.table.name, task.table.lut.tobytes(), halving)).encode())
+    options: tuple = (task.table.name, task.table.lut.tobytes(), halving)
+    if task.strict_labels:  # the default keeps the key of chunks written before the option
+        options += ("strict labels",)
+    h = hashlib.sha1(repr(options).encode())
     for p in pairs:
         for f in (p.image, p.label):
             st = f.stat()
@@ -191,22 +272,32 @@ def fill_cache(
 
 
 def convert_all(
-    pairs: Sequence[Pair], task: ConvertTask, cache_dir: Path, **options: Any
+    pairs: Sequence[Pair],
+    task: ConvertTask,
+    cache_dir: Path,
+    *,
+    report: UnknownLabels | None = None,
+    **options: Any,
 ) -> Iterator[dict]:
     """Converts `pairs` (reusing cached chunks; `options` as `fill_cache`'s), then yields the
-    examples in order."""
+    examples in order; label values outside the table are added to `report` and summarised
+    in the log at the end."""
     skip_invalid = options.get("skip_invalid", False)
+    report = report if report is not None else UnknownLabels(task.table.name)
     cached = fill_cache(pairs, task, cache_dir, **options)
     skipped = 0
     for chunk, path in cached:
-        data = _read_chunk(path)
-        if data is None:  # spoilt since it was written (or planted): convert it again
-            log.warning("cached chunk %s is unreadable; converting it again", path)
+        data, problem = _read_chunk(path)
+        if data is None:  # spoilt or planted since it was written, or stale: convert it again
+            log.warning("cached chunk %s %s; converting it again", path, problem)
             _convert_chunk(chunk, task, skip_invalid, path)
-            data = _read_chunk(path)
+            data, _ = _read_chunk(path)
         for reason in data["skipped"]:
             log.warning("skipped: %s", reason)
         skipped += len(data["skipped"])
+        report.files.update(data["unknown"])
         yield from data["examples"]
     if skipped:
         log.warning("Skipped %d invalid files of %d", skipped, len(pairs))
+    if report.files:
+        log.warning("%s", report.summary())

@@ -1,8 +1,9 @@
 """Raw-id → Cityscapes train-id tables of every dataset, written once as data.
 
 Each table is a `LabelTable`: a 256-entry lookup (raw id → train id, 255 = ignore) plus the set of
-raw ids the dataset may contain, so a label with an unknown value is reported, never silently
-mapped to ignore.
+raw ids the dataset defines. A value outside that set becomes ignore, as in the reference's
+conversion tools (the output starts as 255 everywhere, then each table id is written over it),
+and is counted, so that the prepare reports it; or, strictly, is an error naming the file.
 """
 
 from __future__ import annotations
@@ -30,15 +31,33 @@ class LabelTable:
     lut: np.ndarray
     valid: np.ndarray
 
-    def map(self, raw: np.ndarray, file_name: str) -> np.ndarray:
-        """Maps raw ids to train ids; raises naming `file_name` on ids outside the table."""
-        bad = ~self.valid[raw]
-        if bad.any():
-            values = sorted(int(v) for v in np.unique(raw[bad]))
+    def unknown(self, raw: np.ndarray) -> dict[int, int]:
+        """Pixels per value of ``raw`` (unsigned ids) that the table does not define."""
+        bad = ~_lookup(self.valid, raw, False)
+        if not bad.any():
+            return {}
+        values, counts = np.unique(raw[bad], return_counts=True)
+        return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+
+    def map(
+        self, raw: np.ndarray, file_name: str = "<label>", *, strict: bool = False
+    ) -> np.ndarray:
+        """Train ids (uint8) of ``raw``: values outside the table become ignore, or with
+        ``strict`` a `ValueError` naming ``file_name`` and every such value."""
+        if strict and (unknown := self.unknown(raw)):
             raise ValueError(
-                f"{file_name}: label values {values[:10]} are not in the {self.name} label table"
+                f"{file_name}: label values {list(unknown)} are not in the {self.name} label "
+                f"table (pixels: {list(unknown.values())})"
             )
-        return self.lut[raw]
+        return _lookup(self.lut, raw, IGNORE)
+
+
+def _lookup(table: np.ndarray, raw: np.ndarray, outside) -> np.ndarray:
+    """``table[raw]``, ``outside`` where ``raw`` (unsigned, 8 or 16 bits) is beyond the table."""
+    if raw.dtype == np.uint8:
+        return table[raw]
+    inside = raw < len(table)
+    return np.where(inside, table[np.where(inside, raw, 0)], outside).astype(table.dtype)
 
 
 def make_table(name: str, mapping: Mapping[int, int], valid_ids: Iterable[int]) -> LabelTable:
