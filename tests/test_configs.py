@@ -94,3 +94,10 @@ def test_register_weights_keep_their_own_interpolation(tmp_path):
     cfg.model.backbone.interpolate_offset = 0.1
     loaded, _ = build.load_backbone_weights(cfg, seed=0)
     assert loaded.interpolate_offset == 0.1
+
+
+def test_raw_padding_where_the_official_pipelines_pad():
+    """g2cbm and c2bm pad each crop in raw pixels (their ``Pad`` step after ``RandomCrop``); the
+    multi-source pipelines have no ``Pad`` step."""
+    pads = {name: load_config(name).data.pad_raw for name in ("g2cbm", "c2bm", "gs2cbm", "gsu2cbm")}
+    assert pads == {"g2cbm": True, "c2bm": True, "gs2cbm": False, "gsu2cbm": False}
