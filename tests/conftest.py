@@ -1,10 +1,20 @@
-"""Test-wide settings: 8 simulated CPU devices (set before JAX starts) and exact float32 matmuls;
-fixtures shared by several test files."""
+"""Test-wide settings: 8 simulated CPU devices (set before JAX starts), exact float32 matmuls and
+one on-disk compilation cache for the whole session; fixtures shared by several test files."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Most of the suite's time is XLA compiling the same tiny programs again: in other tests, and in
+# the train.py / eval.py subprocesses, which inherit these variables. One cache for the session
+# (a fresh directory, removed at exit, unless JAX_COMPILATION_CACHE_DIR names one) compiles each
+# program once; every program is cached, however fast it compiled.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.TemporaryDirectory(prefix="jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE.name
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax
 import pytest
