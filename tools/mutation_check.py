@@ -195,8 +195,16 @@ def _mutated(root: Path, m: Mutation) -> str:
 
 
 def _pytest(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int | None, str]:
-    """Runs pytest -x on `tests` in `root`; kills the whole process group on timeout."""
-    env = dict(os.environ, PYTHONPATH=str(root), PYTHONDONTWRITEBYTECODE="1")
+    """Runs pytest -x on `tests` in `root`; kills the whole process group on timeout. All runs
+    share one compilation cache (its keys ignore file paths): a mutation recompiles only what it
+    changes."""
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(root.parent / "jax-cache")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(root),
+        PYTHONDONTWRITEBYTECODE="1",
+        JAX_COMPILATION_CACHE_DIR=cache,
+    )
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     proc = subprocess.Popen(
         cmd,
