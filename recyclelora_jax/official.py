@@ -300,12 +300,14 @@ def model_from_state(state: Mapping[str, Any], cfg: Mapping[str, Any] | None = N
     alpha = float(_cfg(cfg, "model.backbone.lora_alpha", OFFICIAL["lora_alpha"]))
     layout = []  # in the official key order, whatever the file's order
     for fair, layout_kind in convert.fair_keys(arch):
-        layer = fair.removesuffix(".weight")
-        if layout_kind != "linear" or f"backbone.{layer}.lora_A_main" not in state:
+        layer = f"backbone.{fair.removesuffix('.weight')}"
+        ranks = [
+            (ours, state[f"{layer}.lora_A_{official}"].shape[0])
+            for official, ours in _ADAPTERS.items()
+            if layout_kind == "linear" and f"{layer}.lora_A_{official}" in state
+        ]
+        if not ranks:
             continue
-        ranks = [("main", state[f"backbone.{layer}.lora_A_main"].shape[0])]
-        if f"backbone.{layer}.lora_A_sub" in state:
-            ranks.append(("sub", state[f"backbone.{layer}.lora_A_sub"].shape[0]))
         path = "/".join(convert.flax_path(fair, layout_kind)[:-1])
         layout.append((path, AdapterSpec(tuple(ranks), alpha / sum(r for _, r in ranks))))
     default_blocks = OFFICIAL["out_indices"]

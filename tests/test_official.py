@@ -23,16 +23,20 @@ from mmengine.logging import MessageHub
 from mmengine.runner import load_checkpoint
 from scipy.stats import ks_2samp
 
-from recyclelora_jax import load_mmseg_checkpoint
+from recyclelora_jax import build, load_mmseg_checkpoint, recipe
+from recyclelora_jax.config import METHODS, apply_method, base_config, smoke
+from recyclelora_jax.convert import save_converted
 from recyclelora_jax.evaluate.inference import slide_inference
 from recyclelora_jax.models.mask2former import PixelDecoder, build_pyramid
 from recyclelora_jax.models.segmentor import Segmentor
 from recyclelora_jax.official import (
     from_official,
     model_from_state,
+    official_keys,
     read_official,
     save_mmseg_checkpoint,
 )
+from recyclelora_jax.peft.params import attach, merge
 
 TOL = 1e-4
 
@@ -285,6 +289,109 @@ def test_bad_checkpoints_name_the_key(official, tmp_path, edit, message):
     )
     with pytest.raises(ValueError, match=message):
         load_mmseg_checkpoint(tmp_path / "bad.pth")
+
+
+@pytest.fixture(scope="module")
+def base_weights(tmp_path_factory):
+    """A converted random base with LayerScale 1 (a fresh ViT's 1e-5 would hide the blocks)."""
+    model, params = build.load_backbone_weights(smoke(base_config()), 0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.ones_like(x) if "gamma" in jax.tree_util.keystr(p) else x, params
+    )
+    path = tmp_path_factory.mktemp("base") / "base.safetensors"
+    save_converted(path, model, params)
+    return path
+
+
+def _built(method: str, base_weights) -> tuple[Segmentor, dict]:
+    """``method``'s tiny run as train.py builds it -- the config's base weights, the recipe's
+    adapters attached to them (RRQR for RecycleLoRA), the config's model -- as training leaves
+    it: adapters moved off their init, the head random (its init is tested elsewhere and
+    would cost a compile here)."""
+    cfg = smoke(apply_method(base_config(), method))
+    cfg.model.backbone.weights = str(base_weights)
+    backbone, base = build.load_backbone_weights(cfg, cfg.seed)
+    plan = recipe.from_config(cfg, backbone.arch)
+    adapted, layout = attach(base, backbone.arch, plan.attach, seed=cfg.seed, progress=False)
+    model = build.build_segmentor(cfg, backbone, layout)
+    shapes = jax.eval_shape(lambda: build.init_head(model, cfg.data.crop_size, cfg.seed))
+    rng = np.random.default_rng(0)
+
+    def train(path, x):
+        if "adapter_" not in jax.tree_util.keystr(path):
+            return np.asarray(x)
+        return np.asarray(x) + 0.1 * np.std(x) * rng.standard_normal(x.shape).astype(np.float32)
+
+    head = jax.tree.map(lambda s: 0.1 * rng.standard_normal(s.shape).astype(s.dtype), shapes)
+    backbone_params = jax.tree_util.tree_map_with_path(train, jax.device_get(adapted))
+    return model, {"backbone": backbone_params, "head": head}
+
+
+def _same_leaves(a, b) -> None:
+    a, b = _flat(a), _flat(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k
+
+
+def test_a_run_built_as_train_py_builds_it_round_trips_with_the_same_scores(base_weights, tmp_path):
+    """RecycleLoRA's RRQR adapters from the real build path. Kept: the official ``.pth`` holds
+    the residual kernels and ``lora_{A,B}_{main,sub}``; read back, the same model (adapter
+    ranks and scale, blocks, interpolation, head) with bit-identical parameters, so the same
+    scores. Merged: a plain backbone holding exactly the merged kernels, whose scores equal
+    the adapter model's within the merge's float rounding."""
+    model, params = _built("recyclelora", base_weights)
+    assert dict(model.backbone.adapters)["blocks_0/attn/qkv"].ranks == (("main", 4), ("sub", 2))
+    save_mmseg_checkpoint(tmp_path / "run.pth", model, params)
+    assert "backbone.blocks.3.mlp.fc2.lora_B_sub" in read_official(tmp_path / "run.pth")[0]
+    again, params2 = load_mmseg_checkpoint(tmp_path / "run.pth")
+    assert again.backbone == model.backbone.clone(dtype=None) and again.head == model.head
+    _same_leaves(params, params2)
+    save_mmseg_checkpoint(tmp_path / "plain.safetensors", model, params, merged=True)
+    plain, params3 = load_mmseg_checkpoint(tmp_path / "plain.safetensors")
+    assert plain.backbone == again.backbone.clone(adapters=())
+    _same_leaves(
+        {**params, "backbone": merge(params["backbone"], again.backbone.adapters)}, params3
+    )
+    images = _images(64, 64, batch=1, seed=6)
+    np.testing.assert_allclose(
+        _our_scores(plain, params3, images), _our_scores(model, params, images), atol=1e-5, rtol=0
+    )
+
+
+def test_which_methods_keep_their_adapters_in_the_official_layout():
+    """The official layout names RecycleLoRA's two adapters (``lora_*_main``/``_sub``), so the
+    RRQR methods export with their adapters kept, as do the methods without adapters; the
+    single-adapter methods (``lora``) have no official key and are exported merged."""
+    kept = set()
+    for method in METHODS:
+        model = build.segmentor_shapes(smoke(apply_method(base_config(), method)))[0]
+        try:
+            official_keys(model)
+            kept.add(method)
+        except ValueError as err:
+            assert re.search(r"adapter 'lora' of blocks_\d+/.* export it merged", str(err))
+        official_keys(model.clone(backbone=model.backbone.clone(adapters=())))  # merged: all
+    assert kept == {"recyclelora", "main-only", "sub-only", "swapped", "full", "frozen"}
+
+
+@pytest.mark.parametrize("method", ["sub-only", "soma", "full"])
+def test_exports_round_trip_kept_and_merged(base_weights, tmp_path, method):
+    """Kept (where the layout allows): read back bit-identical with the same adapters (a lone
+    ``sub`` adapter included); merged: a plain backbone holding exactly the merged kernels.
+    RecycleLoRA's own round trip is the test above."""
+    model, params = _built(method, base_weights)
+    path = tmp_path / "run.safetensors"
+    if method != "soma":
+        save_mmseg_checkpoint(path, model, params)
+        again, params2 = load_mmseg_checkpoint(path)
+        assert again.backbone.adapters == model.backbone.adapters
+        _same_leaves(params, params2)
+    save_mmseg_checkpoint(path, model, params, merged=True)
+    again, params2 = load_mmseg_checkpoint(path)
+    assert again.backbone.adapters == ()
+    merged = merge(params["backbone"], model.backbone.adapters)
+    _same_leaves({**params, "backbone": merged}, params2)
 
 
 def test_head_init_follows_mmdet():
