@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the file (or, when asked, a logged count of skips);
 an interrupted prepare leaves no loadable half dataset and resumes without redoing chunks."""
 
+import dataclasses
 import json
 import logging
 
@@ -126,6 +127,8 @@ def test_cache_chunks_from_before_the_count(gtav, tmp_path, monkeypatch, caplog)
         examples = list(convert.convert_all(pairs, task, cache_dir))
     assert len(examples) == 6 and calls == ["00004.png", "00005.png", "00006.png"]
     assert caplog.text.count("predates the counting of unknown label values") == 1
+    strict = dataclasses.replace(task, strict_labels=True)  # its chunks keep what it skipped
+    assert convert._chunk_key(pairs[:3], strict) != convert._chunk_key(pairs[:3], task)
 
 
 def test_empty_folder_and_wrong_layout(tmp_path):
