@@ -12,6 +12,7 @@ import collections
 
 import jax
 import jax.numpy as jnp
+import pytest
 from jax.extend.core import jaxprs_in_params
 
 from recyclelora_jax.config import TINY_MASK2FORMER
@@ -36,11 +37,12 @@ def _model(dtype) -> Segmentor:
     return Segmentor(backbone, head)
 
 
-def _inputs():
+@pytest.fixture(scope="module")
+def inputs():
     images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
     labels = jax.random.randint(jax.random.key(1), (2, 64, 64), 0, 4)
     labels = jnp.where(jnp.arange(64)[None, :, None] < 16, 255, labels)
-    params = _model(None).init(jax.random.key(2), images)["params"]
+    params = jax.jit(_model(None).init)(jax.random.key(2), images)["params"]
     return images, labels, params
 
 
@@ -60,12 +62,12 @@ def _relative(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
 
 
-def test_bf16_loss_and_gradients_close_to_float32():
-    images, labels, params = _inputs()
+def test_bf16_loss_and_gradients_close_to_float32(inputs):
+    images, labels, params = inputs
     l32, g32 = jax.jit(jax.value_and_grad(_loss_fn(None, images, labels)[1]))(params)
     model16, loss16 = _loss_fn(jnp.bfloat16, images, labels)
     l16, g16 = jax.jit(jax.value_and_grad(loss16))(params)
-    outputs = model16.apply({"params": params}, images, train=True)
+    outputs = jax.eval_shape(lambda p: model16.apply({"params": p}, images, train=True), params)
     assert all(v.dtype == jnp.bfloat16 for v in outputs.values())  # the head computes in bf16
     assert l16.dtype == jnp.float32  # ... and the loss reduces in float32
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))  # float32 parameters
@@ -86,8 +88,8 @@ def _statistics_dtypes(jaxpr) -> collections.Counter:
     return found
 
 
-def test_bf16_program_keeps_statistics_float32():
-    images, labels, params = _inputs()
+def test_bf16_program_keeps_statistics_float32(inputs):
+    images, labels, params = inputs
     shapes = jax.eval_shape(lambda: params)
     jaxpr = jax.make_jaxpr(jax.value_and_grad(_loss_fn(jnp.bfloat16, images, labels)[1]))(shapes)
     found = _statistics_dtypes(jaxpr.jaxpr)
