@@ -18,6 +18,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax
 import pytest
+from train_helpers import make_data
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -26,3 +27,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def mesh8() -> jax.sharding.Mesh:
     """The 8 simulated CPU devices as one ``data`` axis (the sharded-batch tests)."""
     return jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> dict:
+    """The training tests' synthetic datasets (``train_helpers.make_data``), written once; tests
+    read them, never write into them."""
+    return make_data(tmp_path_factory.mktemp("synthetic"))

@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import ml_collections
-import pytest
-from train_helpers import make_data
 
 from recyclelora_jax.evaluate.suite import check_eval
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("synthetic"))
 
 
 def _eval_cfg(datasets, **eval_values) -> ml_collections.ConfigDict:
