@@ -99,8 +99,8 @@ MUTATIONS = (
         "decoder-qkv-init-unfused",
         "Mask2Former init as mmdet: q/k/v xavier-normal over the fused (3C, C) in-projection",
         "recyclelora_jax/models/mask2former.py",
-        "split = lambda t, name: nn.Dense(c, kernel_init=_in_proj_normal, name=name)(t).reshape(",
-        "split = lambda t, name: nn.Dense(c, kernel_init=_xavier_normal, name=name)(t).reshape(",
+        "split = lambda t, name: dense(name, _in_proj_normal)(t).reshape(",
+        "split = lambda t, name: dense(name, _xavier_normal)(t).reshape(",
         ("tests/test_mask2former_init.py",),
     ),
     Mutation(
