@@ -128,6 +128,14 @@ MUTATIONS = (
         ("tests/test_data_bad_input.py",),
     ),
     Mutation(
+        "official-lone-sub-adapter-dropped",
+        "an official checkpoint with only lora_*_sub keys imports as a lone sub adapter",
+        "recyclelora_jax/official.py",
+        'if layout_kind == "linear" and f"{layer}.lora_A_{official}" in state',
+        'if layout_kind == "linear" and f"{layer}.lora_A_main" in state',
+        ("tests/test_official.py::test_exports_round_trip_kept_and_merged",),
+    ),
+    Mutation(
         "synthia-wall-unmapped",
         "SYNTHIA maps its 16 Cityscapes classes (wall is SYNTHIA id 21)",
         "recyclelora_jax/data/labels.py",
