@@ -60,7 +60,7 @@ def _is_official(path: Path) -> bool:
 
 
 def _load():
-    from recyclelora_jax.export import load_export, load_trained
+    from recyclelora_jax.export import load_export, restore_run
 
     if _CHECKPOINT.value and _is_official(Path(_CHECKPOINT.value)):
         from recyclelora_jax import load_mmseg_checkpoint
@@ -76,14 +76,12 @@ def _load():
     if _CHECKPOINT.value:
         step_dir = Path(_CHECKPOINT.value)
         workdir = step_dir.parent.parent
-        model, params, cfg = load_trained(
-            workdir, int(step_dir.name), allow_other_base=_ALLOW.value
-        )
+        model, params, cfg = restore_run(workdir, int(step_dir.name), allow_other_base=_ALLOW.value)
         return model, params, cfg, workdir
     if not _WORKDIR.value:
         raise app.UsageError("give --workdir or --checkpoint")
     workdir = Path(_WORKDIR.value)
-    model, params, cfg = load_trained(workdir, allow_other_base=_ALLOW.value)
+    model, params, cfg = restore_run(workdir, allow_other_base=_ALLOW.value)
     return model, params, cfg, workdir
 
 

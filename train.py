@@ -1,9 +1,9 @@
 """Train a segmentor: ``python train.py --config configs/g2cbm.py --workdir runs/x``.
 
 With no arguments it runs the demo (``configs/demo.py``): synthetic domain-shift data, a small
-stand-in foundation ViT, RecycleLoRA on the "synthetic" style, evaluation on the unseen styles.
-Override any config value with ``--config.a.b=value``; a run resumes from the latest checkpoint
-in its workdir.
+stand-in foundation ViT, and the demo's methods trained on the "synthetic" style and evaluated
+on the unseen styles, each an ordinary ``train()`` run. Override any config value with
+``--config.a.b=value``; a run resumes from the latest checkpoint in its workdir.
 """
 
 from __future__ import annotations
@@ -35,14 +35,19 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from recyclelora_jax import runner
-    from recyclelora_jax.train.loop import ConfigError, Preempted
+    from recyclelora_jax.train.trainer import ConfigError, Preempted, train
 
     runner.quiet_library_logs()
     runner.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     cfg = _CONFIG.value
     workdir = Path(_WORKDIR.value or f"runs/{cfg.name}")
     try:
-        results = runner.run(cfg, workdir)
+        if "demo" in cfg:  # the demo config: its data, its stand-in backbone, several runs
+            from recyclelora_jax import demo
+
+            results = demo.run_demo(cfg, workdir)
+        else:
+            results = train(cfg, workdir, runner.make_evaluator(cfg) if cfg.eval.datasets else None)
     except Preempted as err:  # not a finished run: say so, and exit like a terminated process
         logging.error("interrupted: %s", err)
         sys.exit(128 + signal.SIGTERM)

@@ -1,7 +1,7 @@
 """The real training step timed on the local accelerator: images/s, achieved TFLOP/s, MFU.
 
-The step is ``train.py``'s (``train.loop.build_run`` / ``make_step_fn``: RecycleLoRA 32 + 4 on
-every linear layer, Mask2Former, the set loss, AdamW groups), bfloat16 compute on a GPU or TPU
+The step is ``train.py``'s (``train.trainer.make_train_step``: RecycleLoRA 32 + 4 on every
+linear layer, Mask2Former, the set loss, AdamW groups), bfloat16 compute on a GPU or TPU
 (float32 on a CPU), data-parallel over every local device. Achieved FLOP/s use the analytic
 model FLOPs of ``models.flops`` (the preflight's), MFU the chip's published dense bf16 peak.
 On a CPU the PyTorch reference of ``benchmarks/train_step.py`` (transformers modules) runs too;
@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from quiet import check_load
 
 from recyclelora_jax.config import base_config, smoke
 from recyclelora_jax.preflight import TPU_CHIPS, model_flops
-from recyclelora_jax.train.loop import build_run, init_opt_state, make_step_fn
-from recyclelora_jax.train.sharding import global_batch
+from recyclelora_jax.train.sharding import global_batch, make_mesh
+from recyclelora_jax.train.trainer import initial_train_state, make_train_step
 
 # Dense bf16 peak FLOP/s per GPU, by a substring of `device_kind`.
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12}
@@ -51,7 +50,7 @@ def config(size: str, per_device: int, accelerator: bool):
         smoke(c)
     else:
         c.model.backbone.update(arch=f"vit{size}14")
-        if size != "l":  # SPEC's blocks are ViT-L's; quarter ends for S/B
+        if size != "l":  # the recipe's blocks are ViT-L's; quarter ends for S/B
             c.model.backbone.out_indices = (2, 5, 8, 11)
     if accelerator:
         c.model.backbone.dtype = "bfloat16"
@@ -62,31 +61,28 @@ def config(size: str, per_device: int, accelerator: bool):
 def time_size(size: str, args: argparse.Namespace) -> dict:
     device = jax.devices()[0]
     cfg = config(size, args.per_device_batch, device.platform != "cpu")
+    mesh = make_mesh(**cfg.mesh)
     with tempfile.TemporaryDirectory() as tmp:
-        run = build_run(cfg, Path(tmp))
-    opt_state = init_opt_state(run)
+        setup, state, frozen, abstract = initial_train_state(cfg, Path(tmp), mesh)
     crop, n = cfg.data.crop_size, cfg.train.batch_size
     rng = np.random.default_rng(0)
     local = {
         "image": rng.standard_normal((n, crop, crop, 3), np.float32),
         "label": rng.integers(0, 19, (n, crop, crop)).astype(np.int32),
     }
-    batch = global_batch(local, run.mesh)
+    batch = global_batch(local, mesh)
     start = time.perf_counter()
-    step = make_step_fn(run)
-    compiled = step.lower(run.trainable, opt_state, run.frozen, batch, jnp.int32(0)).compile()
+    compiled = make_train_step(setup, abstract, frozen).lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - start
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
-        run.trainable, opt_state, metrics = compiled(
-            run.trainable, opt_state, run.frozen, batch, jnp.int32(i)
-        )
+        state, metrics = compiled(state, frozen, batch)
         loss = float(metrics["loss"])  # waits for the step
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    f = model_flops(cfg, run)
+    f = model_flops(cfg, setup)
     flops = (f["backbone"] + f["head"] + f["loss"]).train * n
     peak = chip_peak(device)
     achieved = flops / seconds / jax.device_count()

@@ -1,6 +1,6 @@
 """Mask2Former head speed and memory: this project's Flax head vs transformers' PyTorch modules.
 
-The reference configuration (SPEC §4: 256-d, 8 heads, 6 deformable encoder layers, 9 decoder
+The reference configuration (RECIPE.md §4: 256-d, 8 heads, 6 deformable encoder layers, 9 decoder
 layers, 100 queries, 19 classes) on the features of a 512-px image: four ViT-L maps
 (B, 32, 32, 1024), resized to strides 4/8/16/32, then pixel decoder + transformer decoder + class
 predictor. Forward+backward with respect to all head parameters of a scalar that touches every

@@ -42,7 +42,7 @@ def random_kernels(depth: int, seed: int = 0) -> dict:
 
 
 def reference_layer(kernel: np.ndarray, r_main: int, r_sub: int, alpha: float):
-    """SPEC §2 the reference way: two pivoted QRs, dense products."""
+    """RECIPE.md §2 the reference way: two pivoted QRs, dense products."""
     w0 = kernel.T
     k = min(w0.shape)
     q, _, p = scipy.linalg.qr(w0, pivoting=True, mode="economic")

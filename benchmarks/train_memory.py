@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from recyclelora_jax import recipe
 from recyclelora_jax.config import base_config
 from recyclelora_jax.models.dinov2 import ARCHS, DinoV2
 from recyclelora_jax.peft.params import attach_shapes
@@ -71,9 +72,9 @@ def main() -> None:
     params = {"backbone": backbone}
     images = jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32)
     cfg = optim.OptimConfig()
-    labels = optim.label_params(params, plan.labels, plan.groups)
-    trainable, frozen = optim.split_trainable(params, labels)
-    trainable_labels, _ = optim.split_trainable(labels, labels)
+    labels = recipe.label_params(params, plan.labels, plan.groups)
+    trainable, frozen = recipe.split_trainable(params, labels)
+    trainable_labels, _ = recipe.split_trainable(labels, labels)
     n = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}")
     print(f"{args.arch}: {n(trainable):,} trainable of {n(params):,} parameters")
@@ -84,7 +85,7 @@ def main() -> None:
     ours = jax.jit(step, donate_argnums=(0, 2)).lower(trainable, frozen, state, images).compile()
 
     transforms = {g.name: optim.group_transform(cfg, g) for g in plan.groups}
-    zero_lr = optim.group_transform(cfg, optim.ParamGroup("frozen", 0.0, False))
+    zero_lr = optim.group_transform(cfg, recipe.ParamGroup("frozen", 0.0, False))
     baselines = {}
     for name, frozen_tx in (("all grads, lr-0 group", zero_lr), ("all grads, set_to_zero", None)):
         frozen_tx = frozen_tx or optax.set_to_zero()

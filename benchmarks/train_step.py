@@ -5,10 +5,10 @@ adapters (main rank 32 + sub rank 4) on every qkv/proj/fc1/fc2 + Mask2Former hea
 Mask2Former set loss over all 10 prediction sets + AdamW (poly LR, cosine weight decay, four
 parameter groups) on the trainable leaves only; 512-px crops, float32.
 
-JAX: the package's own step (``train.loop.build_run`` / ``make_step_fn``), so what is timed is
-what ``train.py`` runs. PyTorch: ``transformers.Dinov2Model`` with the same adapters (the qkv
-adapter is shared by q/k/v as on the fused kernel), the bilinear pyramid, transformers'
-``Mask2FormerPixelDecoder`` + ``Mask2FormerTransformerModule`` + class Linear,
+JAX: the package's own step (``train.trainer.initial_train_state`` / ``make_train_step``), so
+what is timed is what ``train.py`` runs. PyTorch: ``transformers.Dinov2Model`` with the same
+adapters (the qkv adapter is shared by q/k/v as on the fused kernel), the bilinear pyramid,
+transformers' ``Mask2FormerPixelDecoder`` + ``Mask2FormerTransformerModule`` + class Linear,
 ``Mask2FormerLoss`` with the recipe's weights and point sampling, ``torch.optim.AdamW``.
 
 Each (size, framework) runs in its own child process on the same pinned cores (peak RSS is its
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from quiet import QUIET, check_load
 
-# size -> (width, depth, heads, out_indices): SPEC's ViT-L blocks, quarter ends for S/B.
+# size -> (width, depth, heads, out_indices): the recipe's ViT-L blocks, quarter ends for S/B.
 SIZES = {
     "s": (384, 12, 6, (2, 5, 8, 11)),
     "b": (768, 12, 12, (2, 5, 8, 11)),
@@ -110,7 +110,8 @@ def run_jax(size: str, args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
 
     from recyclelora_jax.config import base_config
-    from recyclelora_jax.train.loop import build_run, init_opt_state, make_step_fn
+    from recyclelora_jax.train.sharding import make_mesh
+    from recyclelora_jax.train.trainer import initial_train_state, make_train_step
 
     _, _, _, out_indices = SIZES[size]
     cfg = base_config()
@@ -125,23 +126,21 @@ def run_jax(size: str, args: argparse.Namespace) -> dict:
     cfg.data.crop_size = args.crop
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        run = build_run(cfg, Path(args.workdir or tmp))  # includes the RRQR adapter init
+        # includes the RRQR adapter init
+        setup, init, frozen, abstract = initial_train_state(
+            cfg, Path(args.workdir or tmp), make_mesh(**cfg.mesh)
+        )
     build_s = time.perf_counter() - start
-    opt_state = init_opt_state(run)
     batch = {k: jnp.asarray(v) for k, v in make_batch(args.batch, args.crop).items()}
 
     start = time.perf_counter()
-    lowered = make_step_fn(run).lower(run.trainable, opt_state, run.frozen, batch, jnp.int32(0))
-    compiled = lowered.compile()
+    compiled = make_train_step(setup, abstract, frozen).lower(init, frozen, batch).compile()
     compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
-    state = {"trainable": run.trainable, "opt": opt_state, "i": 0}
+    state = {"run": init}
 
     def step() -> float:
-        state["trainable"], state["opt"], metrics = compiled(
-            state["trainable"], state["opt"], run.frozen, batch, jnp.int32(state["i"])
-        )
-        state["i"] += 1
+        state["run"], metrics = compiled(state["run"], frozen, batch)
         return float(metrics["loss"])  # waits for the step
 
     times, loss = timed_steps(step, args.warmup, args.steps)
@@ -151,7 +150,7 @@ def run_jax(size: str, args: argparse.Namespace) -> dict:
         "loss": loss,
         "compile_s": compile_s,
         "build_s": build_s,
-        "trainable": count(state["trainable"]),
+        "trainable": count(state["run"]["trainable"]),
         "xla_temp_gib": mem.temp_size_in_bytes / 2**30 if mem else float("nan"),
         "version": f"jax {jax.__version__}",
     }

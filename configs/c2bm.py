@@ -1,4 +1,4 @@
-"""Cityscapes -> BDD100K / Mapillary, RecycleLoRA r_main 32 + r_sub 2 (SPEC §2, §7).
+"""Cityscapes -> BDD100K / Mapillary, RecycleLoRA r_main 32 + r_sub 2 (RECIPE.md §2, §7).
 
 Arguments as ``configs/g2cbm.py`` (``method=``, ``smoke``, ``seed=``).
 """

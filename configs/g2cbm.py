@@ -1,4 +1,4 @@
-"""GTAV -> Cityscapes / BDD100K / Mapillary, RecycleLoRA r_main 32 + r_sub 4 (SPEC §3-§7).
+"""GTAV -> Cityscapes / BDD100K / Mapillary, RecycleLoRA r_main 32 + r_sub 4 (RECIPE.md §3-§7).
 
 Arguments: ``method=`` one of recyclelora (default), main-only, sub-only, swapped, soma, pissa,
 milora, lora, full, frozen; ``smoke`` for a laptop-sized run; ``seed=N``.

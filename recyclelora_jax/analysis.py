@@ -1,5 +1,5 @@
-"""The paper's adapter analyses (SPEC §7): effective rank, similarity heatmaps, Grassmann distance
-between main and sub subspaces, and the init-column norm ratio of a trained update.
+"""The paper's adapter analyses (RECIPE.md §7): effective rank, similarity heatmaps, Grassmann
+distance between main and sub subspaces, and the init-column norm ratio of a trained update.
 
 ``python -m recyclelora_jax.analysis --help``: compares initialisations on a loaded or random
 backbone, and analyses a trained adapter tree next to the init it started from.
@@ -19,10 +19,11 @@ import numpy as np
 from matplotlib.figure import Figure  # not pyplot: no global backend or figure state
 from matplotlib.ticker import MaxNLocator
 
+from recyclelora_jax.model_io import load_tree
 from recyclelora_jax.models.adapters import ADAPTER_PREFIX, AdapterLayout
 from recyclelora_jax.models.dinov2 import ARCHS, DinoV2, DinoV2Arch
 from recyclelora_jax.peft.init import get_init
-from recyclelora_jax.peft.params import AttachRule, attach, load_tree
+from recyclelora_jax.peft.params import AttachRule, attach
 
 Params = dict[str, Any]
 
@@ -209,9 +210,9 @@ def feature_change_figures(run: Path, image_file: Path, out: Path) -> dict[str, 
     from PIL import Image
 
     from recyclelora_jax.data.transforms import normalize
-    from recyclelora_jax.export import load_trained
+    from recyclelora_jax.export import restore_run
 
-    model, params, _ = load_trained(run)
+    model, params, _ = restore_run(run)
     backbone = model.backbone
     names = sorted({n for _, spec in backbone.adapters for n, _ in spec.ranks})
     if not names:
@@ -331,7 +332,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trained",
         type=Path,
-        help="trained adapted backbone (peft.params.save_tree safetensors), analysed against "
+        help="trained adapted backbone (model_io.save_tree safetensors), analysed against "
         "the --trained-method init of the same backbone",
     )
     p.add_argument("--trained-method", default="recyclelora", help="init of the trained tree")
@@ -374,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {"backbone": source, "arch": str(arch), "init": results}
     if args.trained:
         init_params, layout = inits[args.trained_method]
-        trained = load_tree(args.trained)
+        trained, _ = load_tree(args.trained)
         summary["trained"] = adapter_stats(trained, layout)
         ratios = column_norm_ratios(trained, init_params, layout)
         summary["trained"]["init_column_norm_ratio"] = {

@@ -1,4 +1,4 @@
-"""From a config to the objects a run needs: backbone weights, model, optimizer settings.
+"""From a config to the model a run trains: backbone weights, adapters, head, abstract shapes.
 
 Kept apart from the training loop so that ``eval.py``, the export and the analyses rebuild
 exactly the model a checkpoint was trained with from the config stored in it.
@@ -16,12 +16,10 @@ import ml_collections
 
 from recyclelora_jax import recipe
 from recyclelora_jax.convert import default_interpolation, load_dinov2
-from recyclelora_jax.losses import LossConfig
 from recyclelora_jax.models.adapters import AdapterLayout
 from recyclelora_jax.models.dinov2 import ARCHS, DinoV2, DinoV2Arch
 from recyclelora_jax.models.segmentor import Segmentor, build_head
-from recyclelora_jax.peft.params import attach_shapes
-from recyclelora_jax.train.optim import OptimConfig
+from recyclelora_jax.peft.params import attach, attach_shapes
 
 Params = dict[str, Any]
 
@@ -42,25 +40,6 @@ def arch_from_name(name: str) -> DinoV2Arch:
     if name not in ARCHS:
         raise ValueError(f"model.backbone.arch={name!r} unknown; known: tiny, {sorted(ARCHS)}")
     return ARCHS[name]
-
-
-def optim_config(cfg: ml_collections.ConfigDict) -> OptimConfig:
-    o = cfg.optim
-    return OptimConfig(
-        lr=o.lr,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
-        weight_decay=o.weight_decay,
-        wd_eta_min=o.weight_decay_min,
-        total_steps=cfg.train.steps,
-        lr_power=o.power,
-        warmup_steps=o.warmup_steps,
-    )
-
-
-def loss_config(cfg: ml_collections.ConfigDict) -> LossConfig:
-    return LossConfig(num_classes=cfg.model.head.num_classes, **cfg.model.head.get("loss", {}))
 
 
 def config_arch(cfg: ml_collections.ConfigDict) -> DinoV2Arch:
@@ -129,12 +108,32 @@ def init_head(model: Segmentor, crop: int, seed: int) -> Params:
     return jax.jit(model.head.init)(jax.random.key(seed), zeros)["params"]
 
 
+def init_params(
+    cfg: ml_collections.ConfigDict, backbone: DinoV2, base: Params, workdir: Path
+) -> tuple[Segmentor, Params]:
+    """The adapted model and its starting parameters ``{"backbone", "head"}``: the recipe's
+    adapters attached to ``base`` (host-side init, cached in ``workdir/init_cache``), the head
+    initialised from the config seed."""
+    plan = recipe.from_config(cfg, backbone.arch)
+    adapted, layout = attach(
+        base,
+        backbone.arch,
+        plan.attach,
+        seed=cfg.seed,
+        cache_dir=workdir / "init_cache" if cfg.init_cache else None,
+        progress=jax.process_index() == 0,
+    )
+    model = build_segmentor(cfg, backbone, layout)
+    return model, {"backbone": adapted, "head": init_head(model, cfg.data.crop_size, cfg.seed)}
+
+
 def segmentor_shapes(
-    cfg: ml_collections.ConfigDict, arch: DinoV2Arch | None = None
+    cfg: ml_collections.ConfigDict, backbone: DinoV2 | None = None
 ) -> tuple[Segmentor, Params, recipe.Recipe]:
     """The adapted model, its abstract params ``{"backbone", "head"}`` (ShapeDtypeStructs) and
-    the recipe, for ``arch`` (default: the config's); allocates nothing, runs no init."""
-    backbone = backbone_module(cfg, arch or config_arch(cfg))
+    the recipe, for ``backbone`` (default: the config's architecture); allocates nothing and
+    runs no init."""
+    backbone = backbone or backbone_module(cfg, config_arch(cfg))
     plan = recipe.from_config(cfg, backbone.arch)
     shapes, layout = attach_shapes(backbone.arch, plan.attach, backbone.param_dtype)
     model = build_segmentor(cfg, backbone, layout)

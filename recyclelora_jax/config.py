@@ -2,7 +2,7 @@
 
 Config files in ``configs/`` are big_vision-style ``get_config(arg)`` functions; ``arg`` is a
 comma-separated list of flags and ``key=value`` pairs (``configs/g2cbm.py:smoke,seed=1``). Every
-number of SPEC §3-§6 lives here once; baselines and ablations change only what differs.
+number of RECIPE.md §3-§6 lives here once; baselines and ablations change only what differs.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def parse_arg(arg: str | None) -> dict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """GTAV -> Cityscapes/BDD100K/Mapillary with RecycleLoRA (r_main 32 + r_sub 4), SPEC §3-§6."""
+    """GTAV -> Cityscapes/BDD100K/Mapillary, RecycleLoRA 32 + 4 (RECIPE.md §3-§6)."""
     c = ml_collections.ConfigDict()
     c.name = "g2cbm"
     c.seed = 0

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recyclelora_jax import safetensors_file
+from recyclelora_jax import model_io, safetensors_file
 from recyclelora_jax.models.dinov2 import DEFAULT_OUT_INDICES, DinoV2, DinoV2Arch
 from recyclelora_jax.models.resize import torch_interpolate
 from recyclelora_jax.pth import read_pth
@@ -435,15 +435,13 @@ def load_dinov2(
 def save_converted(path: str | Path, model: DinoV2, params: Params) -> None:
     """Write ``params`` with the architecture and interpolation settings of ``model`` to a
     safetensors file that :func:`load_dinov2` reads back without any conversion."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    arrays = {"/".join(p.key for p in path_): np.asarray(leaf) for path_, leaf in flat}
     meta = {
         "format": FORMAT_TAG,
         "arch": json.dumps(dataclasses.asdict(model.arch)),
         "interpolate_offset": repr(float(model.interpolate_offset)),
         "antialias": str(bool(model.interpolate_antialias)),
     }
-    safetensors_file.save(path, arrays, meta)
+    model_io.save_tree(path, params, meta)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -28,7 +28,7 @@ from recyclelora_jax.data.synthetic import prepare_synthetic_once
 from recyclelora_jax.models.dinov2 import DinoV2
 from recyclelora_jax.pretrain import pretrain_contrastive
 from recyclelora_jax.runner import make_evaluator
-from recyclelora_jax.train.loop import train
+from recyclelora_jax.train.trainer import train
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ def comparison_table(results: dict[str, dict]) -> str:
 
 
 def run_demo(cfg: ml_collections.ConfigDict, workdir: Path) -> dict:
+    """Prepare the data and the foundation model, train and evaluate RecycleLoRA and each of
+    ``cfg.demo.baselines`` (one ``train()`` run each), print and save the comparison."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())  # an unlocked copy
     workdir = Path(workdir)
     prepare_data(cfg.demo)

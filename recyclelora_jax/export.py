@@ -1,5 +1,6 @@
-"""Restore a trained run, fold its adapters into the backbone, and save/load a self-contained
-inference checkpoint (plain DINOv2 + head, one safetensors file, no adapter path: SPEC §2)."""
+"""Trained runs as models: restore one from its workdir without the trainer (no optimizer, no
+data pipeline), fold its adapters into the backbone, and save/load the self-contained inference
+file (plain DINOv2 + head in one safetensors file, no adapter path)."""
 
 from __future__ import annotations
 
@@ -8,48 +9,50 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
 import ml_collections
-import numpy as np
-from flax import traverse_util
 
-from recyclelora_jax import build, safetensors_file
+from recyclelora_jax import build, model_io, recipe
 from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
 from recyclelora_jax.models.segmentor import Segmentor
 from recyclelora_jax.peft.params import merge
-from recyclelora_jax.train import optim
-from recyclelora_jax.train.checkpoint import Checkpointer, abstract_like, check_base, fingerprint
-from recyclelora_jax.train.loop import build_run
+from recyclelora_jax.train.checkpoint import (
+    OPT_STATE,
+    Checkpointer,
+    abstract_like,
+    check_base,
+    fingerprint,
+)
 
 Params = dict[str, Any]
 FORMAT_TAG = "recyclelora_jax.segmentor"
 
 
-def load_trained(
+def restore_run(
     workdir: str | Path, step: int | None = None, *, allow_other_base: bool = False
 ) -> tuple[Segmentor, Params, ml_collections.ConfigDict]:
     """(adapter model, full params, config) of a training checkpoint: the config stored in the
-    checkpoint rebuilds the frozen base (its weights pointer, the cached init), verified against
-    the checkpoint's fingerprint of it, then the trained leaves are restored over it -- EMA
-    weights where the recipe keeps them."""
-    workdir = Path(workdir)
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False, create=False)
+    checkpoint rebuilds the frozen base (its weights pointer, the cached adapter init), verified
+    against the checkpoint's fingerprint of it, then the ``trainable`` item is restored over it
+    -- the EMA weights where the recipe keeps them."""
+    ckpt = Checkpointer(Path(workdir) / "checkpoints", async_save=False, create=False)
     try:
         meta = ckpt.read_meta(step)
         cfg = ml_collections.ConfigDict(meta["config"])
-        run = build_run(cfg, workdir)
+        backbone, base = build.load_backbone_weights(cfg, cfg.seed)
+        model, params = build.init_params(cfg, backbone, base, Path(workdir))
+        plan = recipe.from_config(cfg, backbone.arch)
+        labels = recipe.label_params(params, plan.labels, plan.groups)
+        trainable, frozen = recipe.split_trainable(params, labels)
         where = ckpt.directory / str(step if step is not None else ckpt.latest_step())
-        base = cfg.model.backbone.weights
-        check_base(meta, fingerprint(run.frozen), base, where, allow=allow_other_base)
+        base_file = cfg.model.backbone.weights
+        check_base(meta, fingerprint(frozen), base_file, where, allow=allow_other_base)
         if cfg.optim.ema_momentum:
-            state = {"tx": jax.eval_shape(run.tx.init, run.trainable), "ema": run.trainable}
-            restored = ckpt.restore(abstract_like(run.trainable), abstract_like(state), step=step)
-            trainable = restored.opt_state["ema"]
+            trainable = ckpt.read_item(OPT_STATE, step)["ema"]
         else:
-            trainable = ckpt.restore(abstract_like(run.trainable), step=step).trainable
+            trainable = ckpt.restore(abstract_like(trainable), step=step).trainable
     finally:
         ckpt.close()
-    return run.model, optim.merge_trees(trainable, run.frozen), cfg
+    return model, recipe.merge_trees(trainable, frozen), cfg
 
 
 def merge_segmentor(model: Segmentor, params: Params) -> tuple[Segmentor, Params]:
@@ -78,18 +81,12 @@ def save_export(
             }
         ),
     }
-    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
-    safetensors_file.save(path, {k: np.asarray(v) for k, v in flat.items()}, meta)
+    model_io.save_tree(path, params, meta)
 
 
 def load_export(path: str | Path) -> tuple[Segmentor, Params, ml_collections.ConfigDict]:
     """(plain model, params, config) of a file written by `save_export`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no exported model at {path}")
-    meta = safetensors_file.metadata(path)
-    if meta.get("format") != FORMAT_TAG:
-        raise ValueError(f"{path} is not a recyclelora_jax export (metadata {sorted(meta)})")
+    params, meta = model_io.load_tree(path, FORMAT_TAG)
     cfg = ml_collections.ConfigDict(json.loads(meta["config"]))
     extra = json.loads(meta["backbone"])
     backbone = DinoV2(
@@ -98,5 +95,4 @@ def load_export(path: str | Path) -> tuple[Segmentor, Params, ml_collections.Con
         interpolate_offset=extra["interpolate_offset"],
         interpolate_antialias=extra["interpolate_antialias"],
     )
-    params = traverse_util.unflatten_dict(safetensors_file.load(path)[0], sep="/")
     return build.build_segmentor(cfg, backbone), params, cfg

@@ -2,7 +2,7 @@
 
 ``python -m recyclelora_jax.preflight --config configs/g2cbm.py --topology v5p:2x2x1``
 
-The step is the one ``train.py`` runs (``train.loop.make_step_fn``), lowered with abstract
+The step is the one ``train.py`` runs (``train.trainer.make_train_step``), lowered with abstract
 arguments (shapes, dtypes and shardings; nothing is allocated, no weights are read, no adapter is
 initialised) and compiled ahead of time: for a TPU topology with libtpu (``pip install
 ".[tpu]"``) and no TPU, or for the local CPU/GPU devices (``--topology local``). Per chip it
@@ -32,13 +32,12 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from recyclelora_jax import build, recipe
+from recyclelora_jax import recipe
 from recyclelora_jax.losses import segmentation_loss
 from recyclelora_jax.models import flops as flops_lib
 from recyclelora_jax.models.dinov2 import resolve_attention
 from recyclelora_jax.models.segmentor import Segmentor
-from recyclelora_jax.peft.params import attach_shapes
-from recyclelora_jax.train import loop, optim
+from recyclelora_jax.train import trainer
 from recyclelora_jax.train.sharding import (
     BATCH_AXES,
     make_mesh,
@@ -104,29 +103,14 @@ def topology(name: str) -> tuple[list[Any], Chip]:
     return list(desc.devices), TPU_CHIPS[kind]
 
 
-def abstract_run(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop.Run:
-    """``loop.build_run``'s result with ``ShapeDtypeStruct`` leaves: the same model, adapter
-    layout, labels and optimizer, from the config's architecture (its weights file is not read)."""
-    captured = {}
-
-    def backbone() -> Params:
-        captured["model"], params = build.load_backbone_weights(cfg, cfg.seed)
-        return params
-
-    with cfg.unlocked(), cfg.model.backbone.ignore_type():
-        weights, cfg.model.backbone.weights = cfg.model.backbone.weights, ""
-        jax.eval_shape(backbone)
-        cfg.model.backbone.weights = weights
-    plan = recipe.from_config(cfg, captured["model"].arch)
-    base, layout = attach_shapes(captured["model"].arch, plan.attach, captured["model"].param_dtype)
-    model = build.build_segmentor(cfg, captured["model"], layout)
-    head = jax.eval_shape(lambda: build.init_head(model, cfg.data.crop_size, cfg.seed))
-    params = {"backbone": base, "head": head}
-    labels = optim.label_params(params, plan.labels, plan.groups)
-    trainable, frozen = optim.split_trainable(params, labels)
-    trainable_labels, _ = optim.split_trainable(labels, labels)
-    tx = optim.make_optimizer(build.optim_config(cfg), plan.groups, trainable_labels)
-    return loop.Run(cfg, model, layout, labels, trainable, frozen, tx, mesh)
+def abstract_run(
+    cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, per_chip_batch: int = 1
+) -> tuple[trainer.Setup, trainer.State, Params, dict]:
+    """``trainer.abstract_train_state`` for ``per_chip_batch`` images per chip: the same model,
+    adapters, labels and optimizer as a run, from the config's architecture (no weights read)."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())  # an unlocked copy
+    cfg.train.batch_size = per_chip_batch * mesh.size
+    return trainer.abstract_train_state(cfg, mesh)
 
 
 def _placed(tree: Any, shardings: Any) -> Any:
@@ -141,21 +125,21 @@ def _batched(mesh: jax.sharding.Mesh, shape: tuple[int, ...], dtype: Any, axis: 
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(*spec)))
 
 
-def _params(run: loop.Run, tree: Params) -> Params:
-    return _placed(tree, tree_shardings(run.mesh, tree))
+def _params(mesh: jax.sharding.Mesh, tree: Params) -> Params:
+    return _placed(tree, tree_shardings(mesh, tree))
 
 
-def model_flops(cfg: ml_collections.ConfigDict, run: loop.Run) -> dict[str, flops_lib.Flops]:
+def model_flops(cfg: ml_collections.ConfigDict, setup: trainer.Setup) -> dict[str, flops_lib.Flops]:
     """Analytic FLOPs of one image: backbone, head and loss of the training step, and the
     forward pass of one evaluation window (with the per-pixel class scores)."""
-    arch = run.model.backbone.arch
+    arch, layout = setup.model.backbone.arch, setup.model.backbone.adapters
     mode = {"full": "full", "frozen": "frozen"}.get(cfg.method, "adapters")
     out = tuple(cfg.model.backbone.out_indices)
     h = dict(cfg.model.head)
 
     def model(crop: int) -> tuple[flops_lib.Flops, flops_lib.Flops]:
         grid = (crop // arch.patch_size,) * 2
-        backbone = flops_lib.backbone_flops(arch, (crop, crop), out, run.layout, mode)
+        backbone = flops_lib.backbone_flops(arch, (crop, crop), out, layout, mode)
         if h["name"] == "mask2former":
             return backbone, flops_lib.mask2former_flops(h, arch.embed_dim, grid)
         return backbone, flops_lib.linear_head_flops(
@@ -166,7 +150,7 @@ def model_flops(cfg: ml_collections.ConfigDict, run: loop.Run) -> dict[str, flop
     loss = flops_lib.Flops()
     scores = 0.0
     if h["name"] == "mask2former":
-        lc = build.loss_config(cfg)
+        lc = trainer.loss_config(cfg)
         loss = flops_lib.set_loss_flops(h, lc.num_points, lc.oversample_ratio)
         scores = 2.0 * cfg.eval.crop_size**2 * h.get("num_queries", 100) * h["num_classes"]
     eval_backbone, eval_head = model(cfg.eval.crop_size)
@@ -174,41 +158,43 @@ def model_flops(cfg: ml_collections.ConfigDict, run: loop.Run) -> dict[str, flop
     return {"backbone": backbone, "head": head, "loss": loss, "eval": flops_lib.Flops(forward)}
 
 
-def programs(run: loop.Run, per_chip_batch: int, parts: bool, evaluate: bool) -> dict[str, tuple]:
+def programs(
+    cfg: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    per_chip_batch: int,
+    parts: bool,
+    evaluate: bool,
+) -> dict[str, tuple]:
     """Name -> (jitted function, abstract arguments, analytic FLOPs per image)."""
-    cfg, mesh, model = run.cfg, run.mesh, run.model
-    n, crop = per_chip_batch * mesh.size, cfg.data.crop_size
-    images = _batched(mesh, (n, crop, crop, 3), jnp.float32)
-    labels = _batched(mesh, (n, crop, crop), jnp.int32)
-    trainable, frozen = _params(run, run.trainable), _params(run, run.frozen)
-    opt_state = _placed(jax.eval_shape(run.tx.init, run.trainable), loop.opt_state_shardings(run))
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
-    f = model_flops(cfg, run)
-    batch = {"image": images, "label": labels}
+    setup, state, frozen, batch = abstract_run(cfg, mesh, per_chip_batch)
+    f = model_flops(cfg, setup)
     total = f["backbone"] + f["head"] + f["loss"]
-    out = {"train": (loop.make_step_fn(run), (trainable, opt_state, frozen, batch, step), total)}
+    out = {"train": (trainer.make_train_step(setup, state, frozen), (state, frozen, batch), total)}
     if parts:
-        out.update(_part_programs(run, images, labels, trainable, frozen, f))
+        out.update(_part_programs(setup, batch, state["trainable"], frozen, f))
     if evaluate:
+        n = per_chip_batch * mesh.size
         windows = _batched(mesh, (n, cfg.eval.crop_size, cfg.eval.crop_size, 3), jnp.float32)
+        model = setup.model
         predict = jax.jit(lambda p, x: model.apply({"params": p}, x, method=Segmentor.predict))
-        params = _params(run, optim.merge_trees(run.trainable, run.frozen))
+        params = _params(mesh, recipe.merge_trees(state["trainable"], frozen))
         out["eval"] = (predict, (params, windows), f["eval"])
     return out
 
 
-def _part_programs(run, images, labels, trainable, frozen, f) -> dict[str, tuple]:
+def _part_programs(setup, batch, trainable, frozen, f) -> dict[str, tuple]:
     """Backbone, head and loss, each forward + backward with the cotangent as an argument."""
-    model, mesh, cfg = run.model, run.mesh, run.cfg
-    loss_cfg = build.loss_config(cfg)
+    model, mesh, cfg = setup.model, setup.mesh, setup.cfg
+    images, labels = batch["image"], batch["label"]
+    loss_cfg = trainer.loss_config(cfg)
     tb, fb = trainable.get("backbone", {}), frozen.get("backbone", {})
     th, fh = trainable.get("head", {}), frozen.get("head", {})
 
     def features(tb, fb, images):
-        return model.backbone.apply({"params": optim.merge_trees(tb, fb)}, images)["features"]
+        return model.backbone.apply({"params": recipe.merge_trees(tb, fb)}, images)["features"]
 
     def outputs(th, fh, feats):
-        return model.head.apply({"params": optim.merge_trees(th, fh)}, feats, train=True)
+        return model.head.apply({"params": recipe.merge_trees(th, fh)}, feats, train=True)
 
     def backbone(tb, fb, images, cotangent):
         return jax.vjp(lambda t: features(t, fb, images), tb)[1](cotangent)
@@ -304,7 +290,6 @@ def preflight(
         b.attention = resolve_attention(b.get("attention", "auto"), devices[0].platform, b.dtype)
     if per_chip_batch is None:
         per_chip_batch = max(cfg.train.batch_size // mesh.size, 1)
-    run = abstract_run(cfg, mesh)
     report: dict[str, Any] = {
         "topology": topology_name,
         "chip": chip.kind,
@@ -314,7 +299,7 @@ def preflight(
         "bf16_peak_flops": chip.bf16_flops,
         "attention": b.attention,
     }
-    for name, (fn, args, model) in programs(run, per_chip_batch, parts, evaluate).items():
+    for name, (fn, args, model) in programs(cfg, mesh, per_chip_batch, parts, evaluate).items():
         log(f"compiling {name} ...")
         result = compile_program(fn, args, chip, per_chip_batch, model)
         if name == "train":

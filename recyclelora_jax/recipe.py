@@ -11,17 +11,30 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import ml_collections
+from flax import traverse_util
 
+from recyclelora_jax.config import FROZEN
 from recyclelora_jax.models.adapters import ADAPTER_PREFIX
 from recyclelora_jax.models.dinov2 import DinoV2Arch
 from recyclelora_jax.peft.init import get_init
 from recyclelora_jax.peft.params import AttachRule, resolve_rules
-from recyclelora_jax.train.optim import FROZEN, ParamGroup
 
 LabelRule = tuple[str, str]  # (regex searched in the "/"-joined path, group name or FROZEN)
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroup:
+    """A trainable group: lr multiplier and whether it starts with the base weight decay
+    (``False`` starts at 0 and, annealed, still rises toward ``wd_eta_min``, as in mmengine)."""
+
+    name: str
+    lr_mult: float = 1.0
+    weight_decay: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,3 +108,60 @@ def from_config(cfg: ml_collections.ConfigDict, arch: DinoV2Arch) -> Recipe:
     chosen = resolve_rules(arch, rules)
     labels = (*adapter_labels(cfg.adapters, rules, chosen), *(tuple(r) for r in cfg.params))
     return Recipe(rules, labels, param_groups(cfg.groups))
+
+
+# ------------------------------------------------------------- labels on parameter trees
+
+
+def label_params(
+    params: Params, rules: Sequence[tuple[str, str]], groups: Sequence[ParamGroup] = ()
+) -> Params:
+    """A tree of group names, one per leaf: the first rule whose regex is found in the path.
+
+    Raises naming every uncovered path, and (when ``groups`` is given) any rule naming a group
+    that is neither defined nor ``FROZEN``.
+    """
+    if groups:
+        known = {g.name for g in groups} | {FROZEN}
+        unknown = sorted({name for _, name in rules} - known)
+        if unknown:
+            raise ValueError(f"label rules name undefined groups {unknown}; known: {sorted(known)}")
+    compiled = [(re.compile(pattern), name) for pattern, name in rules]
+    labels, uncovered = {}, []
+    for path in traverse_util.flatten_dict(params, sep="/"):
+        name = next((n for pattern, n in compiled if pattern.search(path)), None)
+        if name is None:
+            uncovered.append(path)
+        labels[path] = name
+    if uncovered:
+        raise ValueError(f"{len(uncovered)} parameters match no label rule: {uncovered}")
+    return traverse_util.unflatten_dict(labels, sep="/")
+
+
+def _select(params: Params, labels: Params, keep: Callable[[str], bool]) -> Params:
+    flat_labels = traverse_util.flatten_dict(labels, sep="/")
+    flat = traverse_util.flatten_dict(params, sep="/")
+    if flat.keys() != flat_labels.keys():
+        missing = sorted(flat.keys() ^ flat_labels.keys())
+        raise ValueError(f"params and labels differ at {missing}")
+    return traverse_util.unflatten_dict(
+        {k: v for k, v in flat.items() if keep(flat_labels[k])}, sep="/"
+    )
+
+
+def split_trainable(params: Params, labels: Params) -> tuple[Params, Params]:
+    """``(trainable, frozen)`` subtrees; differentiate only the first."""
+    return (
+        _select(params, labels, lambda name: name != FROZEN),
+        _select(params, labels, lambda name: name == FROZEN),
+    )
+
+
+def merge_trees(a: Params, b: Params) -> Params:
+    """Union of two trees with disjoint leaves (the inverse of ``split_trainable``)."""
+    flat_a = traverse_util.flatten_dict(a, sep="/")
+    flat_b = traverse_util.flatten_dict(b, sep="/")
+    shared = sorted(flat_a.keys() & flat_b.keys())
+    if shared:
+        raise ValueError(f"trees overlap at {shared}")
+    return traverse_util.unflatten_dict({**flat_a, **flat_b}, sep="/")

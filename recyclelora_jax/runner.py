@@ -1,5 +1,5 @@
-"""What ``train.py`` does: multi-host set-up, the demo's preparation, training with periodic
-evaluation, and the demo's closing comparison."""
+"""Shared by the entry scripts (``train.py``, ``eval.py``): quiet library logs,
+multi-host set-up, and the evaluation callback of a training run."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from recyclelora_jax.data.synthetic import prepare_synthetic_once
 from recyclelora_jax.evaluate.metrics import format_table
 from recyclelora_jax.evaluate.suite import PredictionSaver, evaluate_suite
-from recyclelora_jax.train.loop import Run, train
+from recyclelora_jax.models.segmentor import Segmentor
 
 log = logging.getLogger(__name__)
 _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/")
@@ -48,14 +47,14 @@ def init_distributed(
 
 def make_evaluator(
     cfg: ml_collections.ConfigDict, png: Path | None = None, per_dataset: int = 2
-) -> Callable[[Run, dict, int], dict]:
+) -> Callable[[Segmentor, dict, int], dict]:
     """Evaluation callback for `train`: logs the per-class table; with ``png``, the last
     evaluation also draws ``per_dataset`` image | label | prediction rows of every dataset."""
 
-    def evaluate(run: Run, params: dict, step: int) -> dict:
+    def evaluate(model: Segmentor, params: dict, step: int) -> dict:
         final = png is not None and step == cfg.train.steps
         saver = PredictionSaver(per_dataset) if final else None
-        results = evaluate_suite(run.model, params, run.cfg, on_prediction=saver)
+        results = evaluate_suite(model, params, cfg, on_prediction=saver)
         if jax.process_index() == 0:
             log.info("evaluation at step %d:\n%s", step, format_table(results))
             if saver is not None and saver.save(png):
@@ -63,15 +62,3 @@ def make_evaluator(
         return results
 
     return evaluate
-
-
-def run(cfg: ml_collections.ConfigDict, workdir: Path) -> dict:
-    """Train (and evaluate) one config; the demo config also prepares its data and base model
-    and ends with the baselines' comparison."""
-    if "demo" in cfg:
-        from recyclelora_jax import demo
-
-        return demo.run_demo(cfg, workdir)
-    if cfg.data.synthetic:
-        prepare_synthetic_once(**cfg.data.synthetic)
-    return train(cfg, workdir, make_evaluator(cfg) if cfg.eval.datasets else None)

@@ -12,7 +12,8 @@ from _torch_dinov2 import reference_model, save_hub
 
 from recyclelora_jax import analysis
 from recyclelora_jax.convert import load_dinov2
-from recyclelora_jax.peft.params import AttachRule, attach, save_tree
+from recyclelora_jax.model_io import save_tree
+from recyclelora_jax.peft.params import AttachRule, attach
 
 
 def _orthonormal(rng, n, k):
@@ -76,7 +77,7 @@ def test_cli_compares_inits_and_analyses_a_trained_tree(tmp_path):
         step = np.random.default_rng(len(path)).standard_normal(pair["a"].shape) * 0.01
         step[rows] *= 2.0
         pair["a"] = pair["a"] + step
-    save_tree(trained, tmp_path / "trained.safetensors")
+    save_tree(tmp_path / "trained.safetensors", trained)
     out = tmp_path / "out"
     args = ["--out", str(out), "--checkpoint", str(checkpoint), "--r-main", "8", "--r-sub", "2"]
     args += ["--rank", "4", "--lora-alpha", "4"]

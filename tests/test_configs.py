@@ -11,11 +11,10 @@ import pytest
 from flax import traverse_util
 from train_helpers import REPO
 
-from recyclelora_jax import build
+from recyclelora_jax import build, recipe
 from recyclelora_jax.config import FROZEN, METHODS, parse_arg
 from recyclelora_jax.convert import save_converted
 from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
-from recyclelora_jax.train import optim
 
 CONFIGS = ("g2cbm", "c2bm", "gs2cbm", "gsu2cbm", "demo")
 
@@ -30,7 +29,7 @@ def load_config(name: str, arg: str | None = None):
 def group_sizes(cfg) -> dict[str, int]:
     """Parameter count per optimizer group of the config's model, from shapes alone."""
     _, params, plan = build.segmentor_shapes(cfg)
-    labels = optim.label_params(params, plan.labels, plan.groups)
+    labels = recipe.label_params(params, plan.labels, plan.groups)
     sizes: dict[str, int] = {}
     flat_labels = traverse_util.flatten_dict(labels, sep="/")
     for path, leaf in traverse_util.flatten_dict(params, sep="/").items():

@@ -1,4 +1,4 @@
-"""The mmseg training augmentation of SPEC §6, checked against its definition."""
+"""The mmseg training augmentation of RECIPE.md §6, checked against its definition."""
 
 import cv2
 import numpy as np

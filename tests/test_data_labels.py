@@ -89,7 +89,7 @@ def test_mapillary_config_maps_by_spec_rules(tmp_path):
     np.random.default_rng(0).shuffle(names)
     (tmp_path / "config.json").write_text(json.dumps({"labels": [{"name": n} for n in names]}))
     table = labels.mapillary_table(mapillary_class_names(tmp_path))
-    rules = {  # SPEC §6 plus the direct name matches
+    rules = {  # RECIPE.md §6 plus the direct name matches
         "construction--flat--road": "road", "construction--flat--crosswalk-plain": "road",
         "construction--flat--parking": "road", "construction--flat--bike-lane": "road",
         "construction--flat--service-lane": "road", "marking--crosswalk-zebra": "road",

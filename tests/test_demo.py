@@ -1,4 +1,4 @@
-"""The main job: `python train.py` runs the demo end to end (here its `quick` variant)."""
+"""The main job: `python train.py` (no arguments) runs the demo (here its `quick` variant)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from recyclelora_jax import build
 from recyclelora_jax.config import base_config, smoke
 from recyclelora_jax.convert import load_dinov2, save_converted
 from recyclelora_jax.export import load_export
-from recyclelora_jax.peft.params import save_tree
+from recyclelora_jax.model_io import save_tree
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def test_written_files_follow_the_umask(tmp_path, umask, mask):
     umask(mask)
     model, params = build.load_backbone_weights(smoke(base_config()), 0)
     save_converted(tmp_path / "converted.safetensors", model, params)
-    save_tree({"a": {"b": np.ones(3, np.float32)}}, tmp_path / "tree.safetensors")
+    save_tree(tmp_path / "tree.safetensors", {"a": {"b": np.ones(3, np.float32)}})
     for name in ("converted.safetensors", "tree.safetensors"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name
     assert sorted(p.name for p in tmp_path.iterdir()) == [

@@ -18,9 +18,9 @@ from train_helpers import REPO, make_data, tiny_config, write_config_file
 
 from recyclelora_jax import build
 from recyclelora_jax.convert import save_converted
-from recyclelora_jax.export import load_trained
+from recyclelora_jax.export import restore_run
 from recyclelora_jax.train.checkpoint import BaseMismatchError, Checkpointer
-from recyclelora_jax.train.loop import (
+from recyclelora_jax.train.trainer import (
     ConfigError,
     EvaluationError,
     Preempted,
@@ -99,15 +99,15 @@ def test_another_frozen_base_is_refused_naming_both_files(data, tmp_path, caplog
     _base_file(cfg, 1, other)
     cfg.model.backbone.weights = first
     train(cfg, tmp_path / "run")
-    trained = jax.device_get(load_trained(tmp_path / "run")[1])
+    trained = jax.device_get(restore_run(tmp_path / "run")[1])
     os.replace(other, first)  # same path and shapes, other weights
     cfg.train.steps = 4
     with pytest.raises(BaseMismatchError, match=r"a\.safetensors \(sha256:.*trained on: .*a\.s"):
         train(cfg, tmp_path / "run")
     with pytest.raises(BaseMismatchError, match="--allow_other_base"):
-        load_trained(tmp_path / "run")
+        restore_run(tmp_path / "run")
     assert _steps(tmp_path / "run") == [2]
-    _, params, _ = load_trained(tmp_path / "run", allow_other_base=True)
+    _, params, _ = restore_run(tmp_path / "run", allow_other_base=True)
     np.testing.assert_array_equal(  # the trained head is what the checkpoint holds
         params["head"]["conv_seg"]["kernel"], trained["head"]["conv_seg"]["kernel"]
     )
@@ -120,7 +120,7 @@ def test_another_frozen_base_is_refused_naming_both_files(data, tmp_path, caplog
 
 def test_misspelt_workdir_is_named_and_not_created(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no checkpoints at {tmp_path / 'rnu'}"):
-        load_trained(tmp_path / "rnu")
+        restore_run(tmp_path / "rnu")
     assert not (tmp_path / "rnu").exists()
     result = subprocess.run(
         [sys.executable, str(REPO / "eval.py"), f"--workdir={tmp_path / 'rnu'}"],

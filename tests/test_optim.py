@@ -1,4 +1,4 @@
-"""Parameter groups and the SPEC §5 optimizer against torch's AdamW and LR schedulers."""
+"""Parameter groups and the RECIPE.md §5 optimizer against torch's AdamW and LR schedulers."""
 
 import functools
 import math
@@ -22,19 +22,17 @@ from recyclelora_jax.config import (
 )
 from recyclelora_jax.models.dinov2 import DinoV2
 from recyclelora_jax.peft.params import attach, attach_shapes
+from recyclelora_jax.recipe import ParamGroup, label_params, merge_trees, split_trainable
 from recyclelora_jax.train.optim import (
     OptimConfig,
-    ParamGroup,
     cosine_wd,
     ema_update,
     group_transform,
-    label_params,
     make_optimizer,
     make_train_step,
-    merge_trees,
+    optim_config,
     param_overview,
     poly_lr,
-    split_trainable,
     value_and_grad_trainable,
 )
 
@@ -306,7 +304,7 @@ def test_param_overview_counts_and_bytes(full_tree):
     assert table.splitlines()[-1].endswith(f"of {total:,} parameters")
 
 
-# ---- the groups train.py builds, method by method, against the recipe (SPEC §5, §8) ----------
+# ---- the groups train.py builds, method by method, against the recipe (RECIPE.md §5, §8)
 LR = 1e-4
 
 
@@ -370,8 +368,6 @@ class _Frozen(tuple):
 @functools.cache
 def _train_groups(method, base_and_head):
     """What train.py builds for ``method``: config → recipe → adapters → labels → optimizer."""
-    from recyclelora_jax import build
-
     base, head = base_and_head
     cfg = smoke(apply_method(base_config(), method))
     plan = recipe.from_config(cfg, TINY)
@@ -380,7 +376,7 @@ def _train_groups(method, base_and_head):
     labels = label_params(params, plan.labels, plan.groups)
     trainable, _ = split_trainable(params, labels)
     trainable_labels, _ = split_trainable(labels, labels)
-    tx = make_optimizer(build.optim_config(cfg), plan.groups, trainable_labels)
+    tx = make_optimizer(optim_config(cfg), plan.groups, trainable_labels)
     return cfg, params, trainable, tx
 
 

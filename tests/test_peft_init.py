@@ -1,4 +1,5 @@
-"""Adapter inits against direct re-implementations of SPEC §2/§8 on scipy/torch factorizations."""
+"""Adapter inits against direct re-implementations of RECIPE.md §2, §8 on scipy/torch
+factorizations."""
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ VITL_KERNELS = [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)]
 
 
 def _reference_rrqr(w0: np.ndarray, r_main: int, r_sub: int, alpha: float):
-    """SPEC §2 verbatim on W0 (out, in) with scipy's pivoted QR."""
+    """RECIPE.md §2 verbatim on W0 (out, in) with scipy's pivoted QR."""
     q, _, p = scipy.linalg.qr(w0, pivoting=True, mode="economic")
     k = min(w0.shape)
     a_main = np.zeros((r_main, w0.shape[1]), np.float32)

@@ -6,15 +6,14 @@ import pytest
 from _peft_fixtures import TINY, run_backbone, tiny_backbone
 from flax import traverse_util
 
+from recyclelora_jax.model_io import load_tree, save_tree
 from recyclelora_jax.models.dinov2 import ARCHS, DinoV2
 from recyclelora_jax.peft.params import (
     AttachRule,
     adapter_layout,
     attach,
     attach_shapes,
-    load_tree,
     merge,
-    save_tree,
     unmerge,
 )
 
@@ -154,5 +153,5 @@ def test_attach_is_deterministic_and_cached(backbone, tmp_path, monkeypatch):
         with pytest.raises(AssertionError, match="recomputed"):
             attach(params, TINY, variant, seed=seed, cache_dir=tmp_path, progress=False)
     file = tmp_path / "tree.safetensors"
-    save_tree(one, file)
-    jax.tree.map(np.testing.assert_array_equal, one, load_tree(file))
+    save_tree(file, one)
+    jax.tree.map(np.testing.assert_array_equal, one, load_tree(file)[0])

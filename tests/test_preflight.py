@@ -21,7 +21,6 @@ from recyclelora_jax.models import flops as flops_lib
 from recyclelora_jax.models.adapters import AdapterSpec
 from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
 from recyclelora_jax.models.mask2former import Mask2FormerHead
-from recyclelora_jax.train import loop
 
 KEYS = (
     "topology",
@@ -52,24 +51,17 @@ def tiny_config() -> ml_collections.ConfigDict:
     return c
 
 
-def per_chip_argument_bytes(run: loop.Run, per_chip_batch: int) -> int:
+def per_chip_argument_bytes(cfg, mesh, per_chip_batch: int) -> int:
     """What the step's arguments occupy on one chip, from the abstract state and its shardings."""
-    opt = jax.eval_shape(run.tx.init, run.trainable)
-    trees = (
-        (run.trainable, preflight.tree_shardings(run.mesh, run.trainable)),
-        (opt, loop.opt_state_shardings(run)),
-        (run.frozen, preflight.tree_shardings(run.mesh, run.frozen)),
+    _, state, frozen, _ = preflight.abstract_run(cfg, mesh, per_chip_batch)
+    arrays = (state["trainable"], state["opt"], frozen)
+    total = sum(
+        int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+        for path, x in jax.tree_util.tree_flatten_with_path(arrays)[0]
+        if jax.tree_util.keystr(path[1:], simple=True, separator="/") not in UNUSED
     )
-    state = sum(
-        int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
-        for tree, shardings in trees
-        for (path, x), s in zip(
-            jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(shardings), strict=True
-        )
-        if jax.tree_util.keystr(path, simple=True, separator="/") not in UNUSED
-    )
-    crop = run.cfg.data.crop_size
-    return state + per_chip_batch * crop * crop * (3 * 4 + 4) + 4  # f32 image, i32 label, step
+    crop = cfg.data.crop_size
+    return total + per_chip_batch * crop * crop * (3 * 4 + 4) + 4  # f32 image, i32 label, step
 
 
 def test_tpu_topology_report_is_the_compilers_plan():
@@ -83,10 +75,9 @@ def test_tpu_topology_report_is_the_compilers_plan():
     )
     # Replicated state and a batch of 2 per chip, in TPU tiles (small leaves are padded).
     mesh = preflight.make_mesh(devices=preflight.topology("v5e:2x2")[0])
-    run = preflight.abstract_run(cfg, mesh)
-    assert 1.0 <= r["argument_bytes"] / per_chip_argument_bytes(run, 2) < 1.1
+    assert 1.0 <= r["argument_bytes"] / per_chip_argument_bytes(cfg, mesh, 2) < 1.1
     assert r["alias_bytes"] > 0  # the trainable state and optimizer state are donated
-    f = preflight.model_flops(cfg, run)
+    f = preflight.model_flops(cfg, preflight.abstract_run(cfg, mesh)[0])
     assert r["model_flops"] == pytest.approx(2 * (f["backbone"] + f["head"] + f["loss"]).train)
     assert 0.9 < r["flops"] / r["model_flops"] < 2.0
     assert r["analytic_step_seconds"] == pytest.approx(r["model_flops"] / 197e12)
@@ -106,8 +97,7 @@ def test_local_backend_and_fsdp_mesh():
     assert r["fits"] and r["hbm_bytes"] > r["argument_bytes"] > 0
     # Without tiling, the argument buffers are exactly the state (FSDP-split leaves count
     # half on each chip) and one image.
-    run = preflight.abstract_run(cfg, preflight.make_mesh(fsdp=2))
-    assert r["argument_bytes"] == per_chip_argument_bytes(run, 1)
+    assert r["argument_bytes"] == per_chip_argument_bytes(cfg, preflight.make_mesh(fsdp=2), 1)
     assert r["analytic_step_seconds"] is None  # no published peak for a CPU
     assert "parts" not in r and "eval" not in r
     # FSDP: parameters are gathered before use.

@@ -16,7 +16,6 @@ from recyclelora_jax import build, recipe
 from recyclelora_jax.config import FROZEN, METHODS, apply_method, base_config
 from recyclelora_jax.models.dinov2 import ARCHS
 from recyclelora_jax.peft.params import attach, attach_shapes
-from recyclelora_jax.train import optim
 
 ARCH_NAMES = ("vits14", "vitb14", "vitl14", "vitg14")
 # Adapter ranks per group: RecycleLoRA 32 + 4; one adapter of rank 36 for PiSSA/MiLoRA/LoRA.
@@ -52,7 +51,7 @@ def _group_sizes(method: str, arch: str) -> dict[str, int]:
     plan = recipe.from_config(cfg, build.config_arch(cfg))
     backbone, _ = attach_shapes(build.config_arch(cfg), plan.attach)
     params = {"backbone": backbone, "head": _head_shapes(arch)}
-    labels = optim.label_params(params, plan.labels, plan.groups)  # raises on uncovered leaves
+    labels = recipe.label_params(params, plan.labels, plan.groups)  # raises on uncovered leaves
     sizes: dict[str, int] = {}
     flat_labels = traverse_util.flatten_dict(labels, sep="/")
     for path, leaf in traverse_util.flatten_dict(params, sep="/").items():
@@ -113,7 +112,7 @@ def test_head_weight_decay_follows_the_official_custom_keys():
     ``query_feat`` and the pixel decoder's level embedding match no key: base decay."""
     _, params, plan = build.segmentor_shapes(_config("recyclelora", "vits14"))
     labels = traverse_util.flatten_dict(
-        optim.label_params(params, plan.labels, plan.groups)["head"], sep="/"
+        recipe.label_params(params, plan.labels, plan.groups)["head"], sep="/"
     )
     assert labels["transformer_decoder/query_embed"] == "head_no_decay"
     assert labels["transformer_decoder/level_embed"] == "head_no_decay"
@@ -128,7 +127,7 @@ def test_soma_on_vitg_trains_its_swiglu_adapters():
     cfg = _config("soma", "vitg14")
     _, params, plan = build.segmentor_shapes(cfg)
     labels = traverse_util.flatten_dict(
-        optim.label_params(params, plan.labels, plan.groups)["backbone"], sep="/"
+        recipe.label_params(params, plan.labels, plan.groups)["backbone"], sep="/"
     )
     adapters = {p: g for p, g in labels.items() if "/adapter_" in p}
     assert len(adapters) == 2 * 4 * (40 - 8)
@@ -171,7 +170,7 @@ def test_errors_name_what_is_wrong():
     _, params, plan = build.segmentor_shapes(_config("recyclelora", "vits14"))
     plan = recipe.from_config(cfg, ARCHS["vits14"])
     with pytest.raises(ValueError, match=r"match no label rule: \['backbone/"):
-        optim.label_params(params, plan.labels, plan.groups)
+        recipe.label_params(params, plan.labels, plan.groups)
     with pytest.raises(ValueError, match="rewrites the recyclelora recipe"):
         apply_method(apply_method(base_config(), "lora"), "soma")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -32,19 +31,24 @@ from train_helpers import (
     write_config_file,
 )
 
-from recyclelora_jax import build, runner
+from recyclelora_jax import runner
 from recyclelora_jax.config import base_config
 from recyclelora_jax.data import pipeline
 from recyclelora_jax.evaluate.suite import PredictionSaver, evaluate_suite
-from recyclelora_jax.export import load_export, load_trained, merge_segmentor, save_export
-from recyclelora_jax.train import loop, optim
+from recyclelora_jax.export import load_export, merge_segmentor, restore_run, save_export
+from recyclelora_jax.train import optim, trainer
 from recyclelora_jax.train.checkpoint import (
     Checkpointer,
     CheckpointMismatchError,
     abstract_like,
 )
-from recyclelora_jax.train.loop import Preempted, build_run, init_opt_state, make_step_fn, train
-from recyclelora_jax.train.sharding import tree_shardings
+from recyclelora_jax.train.sharding import make_mesh
+from recyclelora_jax.train.trainer import (
+    Preempted,
+    abstract_train_state,
+    initial_train_state,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +66,13 @@ def reference_run(data, tmp_path_factory):
     return cfg, workdir
 
 
+def _abstract_state(cfg) -> dict:
+    """The run's state as shapes with shardings (no weights, no adapter init)."""
+    return abstract_train_state(cfg, make_mesh(**cfg.mesh))[1]
+
+
 def _trained_adapters(workdir: Path, cfg) -> dict:
-    run = build_run(cfg, workdir)
-    abstract = abstract_like(run.trainable)
+    abstract = _abstract_state(cfg)["trainable"]
     ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
     try:
         return jax.device_get(ckpt.restore(abstract).trainable)
@@ -89,18 +97,21 @@ def test_fsdp_splits_parameters_and_optimizer_state(data, tmp_path):
     classifier, their Adam moments) is stored in halves: each device holds a shard, not a copy."""
     cfg = tiny_config(data)
     cfg.mesh.update(data=4, fsdp=2)
-    run = build_run(cfg, tmp_path)
-    opt_state = init_opt_state(run)
+    _, state, frozen, _ = initial_train_state(cfg, tmp_path, make_mesh(**cfg.mesh))
 
     def split(x) -> bool:
         shard = x.addressable_shards[0].data.shape
         return np.prod(shard) * 2 == np.prod(x.shape) and len(x.sharding.device_set) == 8
 
-    for name, tree in (("frozen", run.frozen), ("trainable", run.trainable), ("opt", opt_state)):
+    for name, tree in (
+        ("frozen", frozen),
+        ("trainable", state["trainable"]),
+        ("opt", state["opt"]),
+    ):
         large = [x for x in jax.tree.leaves(tree) if x.size >= 2**12]  # smaller stay replicated
         assert large, name
         assert all(map(split, large)), (name, [x.sharding.spec for x in large])
-    qkv = run.frozen["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"]
+    qkv = frozen["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"]
     assert qkv.addressable_shards[0].data.shape in ((64, 384), (128, 192))
 
 
@@ -145,8 +156,7 @@ def test_restore_into_other_config_names_the_parameter(reference_run, data, tmp_
     _, ref_dir = reference_run
     other = tiny_config(data)
     other.adapters[0]["ranks"]["main"] += 1
-    run = build_run(other, tmp_path)
-    abstract = abstract_like(run.trainable)
+    abstract = _abstract_state(other)["trainable"]
     ckpt = Checkpointer(ref_dir / "checkpoints", async_save=False)
     with pytest.raises(CheckpointMismatchError, match=r"adapter_main/a: checkpoint shape"):
         ckpt.restore(abstract)
@@ -155,7 +165,7 @@ def test_restore_into_other_config_names_the_parameter(reference_run, data, tmp_
 
 def test_adapters_only_restore_and_merged_export_predict_the_same(reference_run, tmp_path):
     cfg, ref_dir = reference_run
-    model, params, restored_cfg = load_trained(ref_dir)  # adapters + head over a fresh base
+    model, params, restored_cfg = restore_run(ref_dir)  # adapters + head over a fresh base
     assert json.loads(restored_cfg.to_json_best_effort()) == json.loads(cfg.to_json_best_effort())
     save_export(tmp_path / "model.safetensors", model, params, restored_cfg)
     plain, plain_params, _ = load_export(tmp_path / "model.safetensors")
@@ -173,17 +183,17 @@ def test_adapters_only_restore_and_merged_export_predict_the_same(reference_run,
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(data, tmp_path, monkeypatch):
-    real = loop.segmentation_loss
+    real = trainer.segmentation_loss
 
     def poisoned(outputs, labels, rng, cfg):
         loss, terms = real(outputs, labels, rng, cfg)
         return loss * jnp.nan, terms
 
-    monkeypatch.setattr(loop, "segmentation_loss", poisoned)
+    monkeypatch.setattr(trainer, "segmentation_loss", poisoned)
     cfg = tiny_config(data)
-    with pytest.raises(loop.NonFiniteLossError, match="loss is nan at step 1"):
+    with pytest.raises(trainer.NonFiniteLossError, match="loss is nan at step 1"):
         train(cfg, tmp_path)
-    fresh = build_run(cfg, tmp_path / "fresh").trainable
+    fresh = initial_train_state(cfg, tmp_path / "fresh", make_mesh(**cfg.mesh))[1]["trainable"]
     ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
     assert ckpt.latest_step() == 0
     abstract = abstract_like(fresh)
@@ -197,12 +207,11 @@ def test_soma_recipe_trains_with_ema(data, tmp_path):
     cfg.optim.update(ema_momentum=0.5, ema_start=1)
     train(cfg, tmp_path)
     ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
-    run = build_run(cfg, tmp_path)
-    state = {"tx": jax.eval_shape(run.tx.init, run.trainable), "ema": run.trainable}
-    restored = ckpt.restore(abstract_like(run.trainable), abstract_like(state))
+    state = _abstract_state(cfg)
+    restored = ckpt.restore(state["trainable"], {"tx": state["opt"], "ema": state["ema"]})
     ckpt.close()
     trained, ema = jax.device_get((restored.trainable, restored.opt_state["ema"]))
-    _, params, _ = load_trained(tmp_path)  # evaluation uses the EMA weights
+    _, params, _ = restore_run(tmp_path)  # evaluation uses the EMA weights
 
     def qkv_bias(tree):  # an adapted layer's bias: SoMA trains it
         return np.asarray(tree["backbone"]["blocks_3"]["attn"]["qkv"]["bias"])
@@ -222,27 +231,23 @@ def _fixed_batch(cfg) -> dict:
     }
 
 
-def _two_steps(run, grad_accum: int, batch: dict, start) -> tuple:
-    """Two steps of the training step on ``batch`` from the trainable tree ``start``."""
-    cfg = copy.deepcopy(run.cfg)
+def _two_steps(cfg, workdir: Path, grad_accum: int, batch: dict) -> tuple:
+    """Two steps of the training step on ``batch`` from the run's initial state."""
+    cfg = copy.deepcopy(cfg)
     cfg.train.grad_accum = grad_accum
-    run = dataclasses.replace(run, cfg=cfg)
-    run.trainable = jax.device_put(start, tree_shardings(run.mesh, start))
-    step_fn = make_step_fn(run)
-    trainable, opt_state, first = step_fn(
-        run.trainable, init_opt_state(run), run.frozen, batch, jnp.int32(0)
-    )
-    trainable, opt_state, second = step_fn(trainable, opt_state, run.frozen, batch, jnp.int32(1))
-    return jax.device_get((trainable, opt_state, first, second))
+    setup, state, frozen, abstract = initial_train_state(cfg, workdir, make_mesh(**cfg.mesh))
+    step_fn = trainer.make_train_step(setup, abstract, frozen)
+    state, first = step_fn(state, frozen, batch)
+    state, second = step_fn(state, frozen, batch)
+    return jax.device_get((state["trainable"], state["opt"], first, second))
 
 
 @pytest.fixture(scope="module")
 def fp32_steps(data, tmp_path_factory):
     """The float32 run's first two steps on the fixed batch, with 1, 2 and 4 micro-batches."""
     cfg = tiny_config(data)
-    run = build_run(cfg, tmp_path_factory.mktemp("accum"))
-    batch, start = _fixed_batch(cfg), jax.device_get(run.trainable)
-    return {accum: _two_steps(run, accum, batch, start) for accum in (1, 2, 4)}
+    workdir = tmp_path_factory.mktemp("accum")
+    return {accum: _two_steps(cfg, workdir, accum, _fixed_batch(cfg)) for accum in (1, 2, 4)}
 
 
 @pytest.mark.parametrize("accum", [2, 4])
@@ -270,11 +275,11 @@ def test_bfloat16_storage_and_compute_run_a_step(fp32_steps, data, tmp_path):
     bf16 rounding (2 %) of the float32 run's on the same batch."""
     cfg = tiny_config(data)
     cfg.model.backbone.update(dtype="bfloat16", param_dtype="bfloat16")
-    run = build_run(cfg, tmp_path)
+    _, state, frozen, _ = initial_train_state(cfg, tmp_path, make_mesh(**cfg.mesh))
     layer = lambda tree: tree["backbone"]["blocks_0"]["attn"]["qkv"]
-    assert layer(run.frozen)["kernel"].dtype == jnp.bfloat16
-    start = jax.device_get(run.trainable)
-    trainable, opt_state, first, second = _two_steps(run, 2, _fixed_batch(cfg), start)
+    assert layer(frozen)["kernel"].dtype == jnp.bfloat16
+    start = jax.device_get(state["trainable"])
+    trainable, opt_state, first, second = _two_steps(cfg, tmp_path, 2, _fixed_batch(cfg))
     leaves = jax.tree.leaves((trainable, opt_state))
     assert {x.dtype for x in leaves} <= {np.dtype(np.float32), np.dtype(np.int32)}
     assert all(np.isfinite(x).all() for x in leaves)
@@ -309,7 +314,7 @@ def test_non_finite_loss_after_step_1_keeps_the_good_state(reference_run, tmp_pa
     (trainable and optimizer) is bit-identical to the uninterrupted run's step 2: the NaN never
     reached the parameters or the Adam moments."""
     cfg, ref_dir = reference_run
-    real = loop.segmentation_loss
+    real = trainer.segmentation_loss
     third = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 2))
 
     def poisoned(outputs, labels, rng, loss_cfg):
@@ -317,10 +322,10 @@ def test_non_finite_loss_after_step_1_keeps_the_good_state(reference_run, tmp_pa
         bad = jnp.all(jax.random.key_data(rng) == third)
         return jnp.where(bad, jnp.nan, loss), terms
 
-    monkeypatch.setattr(loop, "segmentation_loss", poisoned)
+    monkeypatch.setattr(trainer, "segmentation_loss", poisoned)
     cfg = copy.deepcopy(cfg)
     cfg.train.checkpoint_every = 10**6
-    with pytest.raises(loop.NonFiniteLossError, match="loss is nan at step 3"):
+    with pytest.raises(trainer.NonFiniteLossError, match="loss is nan at step 3"):
         train(cfg, tmp_path)
     assert losses(tmp_path) == {k: v for k, v in losses(ref_dir).items() if k <= 2}
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
@@ -330,11 +335,11 @@ def test_non_finite_loss_after_step_1_keeps_the_good_state(reference_run, tmp_pa
 
 
 def _restored_state(workdir: Path, cfg, step: int):
-    run = build_run(cfg, workdir)
-    state = {"tx": jax.eval_shape(run.tx.init, run.trainable), "ema": None}
+    state = _abstract_state(cfg)
     ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
     try:
-        restored = ckpt.restore(abstract_like(run.trainable), abstract_like(state), step=step)
+        opt = {"tx": state["opt"], "ema": None}
+        restored = ckpt.restore(state["trainable"], opt, step=step)
         return jax.device_get((restored.trainable, restored.opt_state))
     finally:
         ckpt.close()
@@ -352,7 +357,7 @@ def test_two_processes_match_one(reference_run, data, tmp_path):
     cfg = tiny_config(data, steps=3, eval_every=3)
     single = tmp_path / "single"
     cfg.mesh.update(data=1, fsdp=1)
-    runner.run(cfg, single)
+    train(cfg, single, runner.make_evaluator(cfg))
     cfg.mesh.update(data=-1, fsdp=1)
     config_file = write_config_file(tmp_path / "cfg.py", cfg)
     port = _free_port()
@@ -459,7 +464,7 @@ def test_eval_cli_end_to_end(reference_run, data, tmp_path):
 
 def test_config_schedules_follow_the_reference_formulas():
     cfg = base_config()
-    o = build.optim_config(cfg)
+    o = optim.optim_config(cfg)
     lr = optim.poly_lr(o)
     assert (o.total_steps, o.lr, o.lr_power) == (40_000, 1e-4, 0.9)
     for step in (0, 1, 20_000, 39_999, 40_000):
@@ -480,9 +485,39 @@ def test_subset_zero_means_every_image_for_gtav_too(data, tmp_path, monkeypatch,
         seen.extend(sources)
         raise StopIteration
 
-    monkeypatch.setattr(loop, "make_train_loader", capture)
+    monkeypatch.setattr(trainer, "make_train_loader", capture)
     with pytest.raises(StopIteration):
         train(tiny_config(data), tmp_path)
     source = pipeline.MixedSource(seen, seed=0)
     assert len(source) == 16
     assert "fewer than the subset" not in caplog.text
+
+
+def test_eval_restores_a_run_without_the_trainer(reference_run, tmp_path):
+    """``python eval.py --workdir RUN`` restores and evaluates a run without importing the
+    trainer, the optimizer library or the training input pipeline."""
+    _, ref_dir = reference_run
+    probe = (
+        "import json, runpy, sys\n"
+        f"sys.argv = ['eval.py', '--workdir={ref_dir}', '--out={tmp_path}', '--max_images=1']\n"
+        "try:\n"
+        f"    runpy.run_path({str(REPO / 'eval.py')!r}, run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "XLA_FLAGS": ""},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    modules = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (tmp_path / "eval.json").is_file()
+    forbidden = ("grain", "optax", "recyclelora_jax.train.trainer", "recyclelora_jax.train.optim")
+    loaded = [m for m in modules if m.split(".")[0] in forbidden[:2] or m in forbidden[2:]]
+    assert not loaded, loaded
+    assert "recyclelora_jax.export" in modules and "recyclelora_jax.evaluate.suite" in modules

@@ -148,7 +148,7 @@ MUTATIONS = (
     Mutation(
         "grad-accum-first-micro-batch",
         "gradient accumulation averages the gradients of all micro-batches",
-        "recyclelora_jax/train/loop.py",
+        "recyclelora_jax/train/trainer.py",
         "total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), *micro))",
         "total = jax.tree.map(lambda x: accum * x, grad_fn(trainable, frozen, micro[0][0], "
         "micro[1][0], rng))",
@@ -165,14 +165,14 @@ MUTATIONS = (
     Mutation(
         "nan-step-reaches-state",
         "a non-finite loss never reaches the parameters or the optimizer state",
-        "recyclelora_jax/train/loop.py",
+        "recyclelora_jax/train/trainer.py",
         "finite = jnp.isfinite(loss)",
         "finite = True",
         ("tests/test_train.py::test_non_finite_loss_after_step_1_keeps_the_good_state",),
     ),
     Mutation(
         "sub-group-main-lr",
-        "the sub adapter trains at lr ×0.5 (SPEC recipe), weight decay 0",
+        "the sub adapter trains at lr ×0.5 (the recipe), weight decay 0",
         "recyclelora_jax/config.py",
         "sub=dict(lr_mult=0.5, weight_decay=False),",
         "sub=dict(lr_mult=1.0, weight_decay=False),",

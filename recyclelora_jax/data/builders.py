@@ -139,7 +139,7 @@ class DgBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 class DgGtav(DgBuilder):
-    """GTAV (Richter et al. 2016): game frames, labels are Cityscapes label ids (SPEC §6)."""
+    """GTAV (Richter et al. 2016): game frames, labels are Cityscapes label ids (RECIPE.md §6)."""
 
     SPLITS: ClassVar[dict[str, str]] = {"train": "train"}
     MANUAL_DOWNLOAD_INSTRUCTIONS = "images/*.png and labels/*.png (palette PNGs of label ids)"

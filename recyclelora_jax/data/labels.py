@@ -72,7 +72,7 @@ def make_table(name: str, mapping: Mapping[int, int], valid_ids: Iterable[int]) 
     return LabelTable(name, lut, valid)
 
 
-# Cityscapes labelIds 0..33 (README of cityscapesScripts); GTAV uses the same ids (SPEC §6).
+# Cityscapes labelIds 0..33 (README of cityscapesScripts); GTAV uses the same ids (RECIPE.md §6).
 CITYSCAPES_ID_TO_TRAIN = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
     26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
@@ -94,7 +94,7 @@ URBANSYN = make_table("UrbanSyn", {i: i for i in range(NUM_CLASSES)}, range(NUM_
 # BDD100K sem_seg masks already hold train ids.
 BDD100K = make_table("BDD100K", {i: i for i in range(NUM_CLASSES)}, [*range(NUM_CLASSES), IGNORE])
 
-# Mapillary Vistas v1.2, by class name (SPEC §6); every other v1.2 class is ignored.
+# Mapillary Vistas v1.2, by class name (RECIPE.md §6); every other v1.2 class is ignored.
 MAPILLARY_NAME_TO_CLASS = {
     "construction--flat--road": "road",
     "construction--flat--crosswalk-plain": "road",

@@ -87,7 +87,7 @@ class MixedSource(grain.RandomAccessDataSource):
 
 
 class TrainAugment(grain.RandomMapTransform):
-    """Decodes a stored example and applies SPEC §6's augmentation with the record's generator.
+    """Decodes a stored example and applies RECIPE.md §6's augmentation with the record's generator.
 
     Resize scales follow the crop as in the reference (512 crop: shorter side 256…1024, longer
     side ≤ 2048), so smaller crops (smoke runs, the demo) keep the same zoom range.

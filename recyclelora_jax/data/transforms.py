@@ -1,4 +1,4 @@
-"""The mmseg training augmentation of SPEC §6 and the test-time resize, on uint8 numpy arrays.
+"""The mmseg training augmentation of RECIPE.md §6 and the test-time resize, on uint8 numpy arrays.
 
 OpenCV does the pixel work exactly as mmcv calls it (bilinear images, nearest labels, 8-bit HSV
 with hue on 0..179); randomness comes from one `np.random.Generator` per example, so a pipeline

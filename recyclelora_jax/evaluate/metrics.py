@@ -5,7 +5,7 @@ sharded over a mesh (XLA reduces the per-shard counts). Counts are int32 per cal
 calls into an int64 host matrix because a whole dataset (Mapillary at full resolution) overflows
 int32. The reported numbers follow mmseg's `IoUMetric`: IoU per class = TP / (TP + FP + FN),
 classes with an empty union are nan and skipped by the mean, everything ×100 and rounded to two
-decimals; the mean over datasets is the plain mean of the per-dataset mIoUs (SPEC §6).
+decimals; the mean over datasets is the plain mean of the per-dataset mIoUs (RECIPE.md §6).
 """
 
 from __future__ import annotations

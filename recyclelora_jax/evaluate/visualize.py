@@ -30,7 +30,7 @@ CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
     (0, 0, 230),
     (119, 11, 32),
 )
-# The pipeline's normalisation (SPEC §6, RGB, 0-255 scale), undone to show an input image.
+# The pipeline's normalisation (RECIPE.md §6, RGB, 0-255 scale), undone to show an input image.
 MEAN_RGB = (123.675, 116.28, 103.53)
 STD_RGB = (58.395, 57.12, 57.375)
 

@@ -1,4 +1,4 @@
-"""Mask2Former's set loss (mmdet recipe, SPEC §4) with static shapes, plus pixel cross-entropy.
+"""Mask2Former's set loss (mmdet recipe, RECIPE.md §4) with static shapes, plus pixel cross-entropy.
 
 Targets are never materialised as (B, K, H, W) masks: a semantic target "class k" sampled at a
 point is the bilinear weight of the corners whose label is k, which is exactly ``grid_sample`` of

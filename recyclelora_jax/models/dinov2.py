@@ -58,7 +58,7 @@ ARCHS.update(
     {f"{k}_reg4": dataclasses.replace(v, num_register_tokens=4) for k, v in list(ARCHS.items())}
 )
 
-# Blocks whose outputs feed the segmentation head (SPEC §3: blocks 8, 12, 16, 24 of ViT-L).
+# Blocks whose outputs feed the segmentation head (RECIPE.md §3: blocks 8, 12, 16, 24 of ViT-L).
 DEFAULT_OUT_INDICES = (7, 11, 15, 23)
 
 

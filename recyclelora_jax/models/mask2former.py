@@ -1,4 +1,5 @@
-"""Mask2Former head (SPEC §4) in Flax linen, as configured by mmdet/mmseg for semantic segmentation.
+"""Mask2Former head (RECIPE.md §4) in Flax linen, as mmdet/mmseg configure it for semantic
+segmentation.
 
 Layout is NHWC throughout; the head returns ``pred_masks`` as (B, Q, h, w) because the loss and
 the semantic inference treat each query's mask as one map. Initialisers follow mmdet's

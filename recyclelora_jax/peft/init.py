@@ -3,8 +3,8 @@
 Every method maps a kernel (in, out) to ``(residual_kernel, adapters, scale)`` with
 ``adapters[name] = (a, b)``, ``a`` (in, r) and ``b`` (r, out), such that
 ``residual + scale * sum(a @ b) == kernel`` up to float32 rounding: the adapted network starts as
-the pretrained one (LoRA keeps it trivially with ``b = 0``). Formulas are written in SPEC §2/§8 on
-the PyTorch weight ``W0 = kernel.T``; here ``a = A.T`` and ``b = B.T``.
+the pretrained one (LoRA keeps it trivially with ``b = 0``). Formulas are written in RECIPE.md
+§2, §8 on the PyTorch weight ``W0 = kernel.T``; here ``a = A.T`` and ``b = B.T``.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _rrqr_init(
 def recyclelora(
     kernel: np.ndarray | jax.Array, r_main: int, r_sub: int, alpha: float = 1.0
 ) -> InitResult:
-    """RecycleLoRA (SPEC §2): ``main`` from the minor RRQR directions, ``sub`` from the major."""
+    """RecycleLoRA (RECIPE.md §2): ``main`` on the minor RRQR directions, ``sub`` on the major."""
     return _rrqr_init(kernel, [("main", r_main, True), ("sub", r_sub, False)], alpha)
 
 
@@ -103,7 +103,7 @@ def recyclelora_swapped(
 
 
 def _svd_init(kernel: np.ndarray | jax.Array, rank: int, alpha: float, minor: bool) -> InitResult:
-    """SVD components split evenly between ``a`` and ``b`` (PiSSA/MiLoRA/SoMA form, SPEC §8):
+    """SVD components split evenly between ``a`` and ``b`` (PiSSA/MiLoRA/SoMA, RECIPE.md §8):
     ``B = U_r sqrt(S_r) / sqrt(s)``, ``A = sqrt(S_r) Vh_r / sqrt(s)``, residual ``W0 - s B A``."""
     kernel = _float32_kernel(kernel)
     _check_ranks([rank], min(kernel.shape), kernel.shape)

@@ -23,7 +23,6 @@ from flax import traverse_util
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from recyclelora_jax import safetensors_file
 from recyclelora_jax.models.adapters import ADAPTER_PREFIX, AdapterLayout, AdapterSpec
 from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch, linear_layer_paths
 from recyclelora_jax.peft.init import InitResult, get_init, run_init
@@ -231,14 +230,3 @@ def unmerge(merged: Params, adapters_from: Params, layout: AdapterLayout) -> Par
         residual = jnp.asarray(kernel, jnp.float32) - _update(layer, spec, path)
         layer["kernel"] = residual.astype(kernel.dtype)
     return out
-
-
-def save_tree(params: Params, file: str | os.PathLike) -> None:
-    """Write a params tree as safetensors keyed by '/'-joined paths."""
-    flat = traverse_util.flatten_dict(params, sep="/")
-    safetensors_file.save(file, {k: np.asarray(v) for k, v in flat.items()})
-
-
-def load_tree(file: str | os.PathLike) -> Params:
-    """Read a tree written by ``save_tree``."""
-    return traverse_util.unflatten_dict(safetensors_file.load(file)[0], sep="/")

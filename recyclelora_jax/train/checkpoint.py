@@ -1,5 +1,6 @@
-"""Orbax checkpoints of what training changes: trainable params, optimizer state, step, RNG and
-data-iterator state, plus a JSON `meta` item (full config, pointer to the frozen base weights).
+"""Orbax checkpoints of what training changes: trainable params, optimizer state (with the EMA
+weights where the recipe keeps them), step and data-iterator state, plus a JSON `meta` item
+(full config, pointer to the frozen base weights).
 
 Each item is separate (`ocp.args.Composite`), so restoring "adapters only" into a fresh base is
 one item read, and a checkpoint is a plain pytree anyone can load without the training loop.
@@ -54,7 +55,6 @@ class Restored:
     step: int
     trainable: Any
     opt_state: Any | None
-    rng: jax.Array | None
     data_iter: Any | None
     meta: dict
 
@@ -199,13 +199,12 @@ class Checkpointer:
         *,
         trainable: Any,
         opt_state: Any,
-        rng: jax.Array,
         data_iter: Any,
         meta: dict,
     ) -> None:
         if step in self.damaged:
             self._move_aside(step)
-        state = {"step": np.asarray(step, np.int64), "rng": np.asarray(jax.random.key_data(rng))}
+        state = {"step": np.asarray(step, np.int64)}  # older checkpoints' unused "rng" is ignored
         arrays = {TRAINABLE: trainable, OPT_STATE: opt_state, STATE: state}
         integrity = {name: array_checksums(tree) for name, tree in arrays.items()}
         integrity |= {DATA: json_checksum(data_iter), META: json_checksum(meta)}
@@ -253,17 +252,21 @@ class Checkpointer:
             out = {name: self._read_verified(step, name, t) for name, t in targets.items()}
             out[META] = self._read_verified(step, META)
             if abstract_opt_state is None:
-                return Restored(step, out[TRAINABLE], None, None, None, out[META])
+                return Restored(step, out[TRAINABLE], None, None, out[META])
             return Restored(
                 step=int(out[STATE]["step"]),
                 trainable=out[TRAINABLE],
                 opt_state=out[OPT_STATE],
-                rng=jax.random.wrap_key_data(np.asarray(out[STATE]["rng"])),
                 data_iter=self._read_verified(step, DATA),
                 meta=out[META],
             )
 
         return self._newest_intact(step, read)
+
+    def read_item(self, name: str, step: int | None = None) -> Any:
+        """Item ``name`` as stored (host arrays, no target tree needed), verified; without
+        ``step``, of the newest intact checkpoint. E.g. the EMA weights for evaluation."""
+        return self._newest_intact(step, lambda s: self._read_verified(s, name))
 
     # ------------------------------------------------------------------------- internals
 

@@ -1,4 +1,4 @@
-"""Parameter groups, schedules and the AdamW optimizer of SPEC §5, through ``optax.partition``.
+"""Parameter groups, schedules and the AdamW optimizer of RECIPE.md §5, through ``optax.partition``.
 
 Groups come from regex rules over '/'-joined parameter paths of the full tree
 ``{"backbone": ..., "head": ...}`` (first matching rule wins; every leaf must be covered).
@@ -9,34 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import traverse_util
 
 from recyclelora_jax.config import FROZEN
+from recyclelora_jax.recipe import ParamGroup, merge_trees
 
 Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
-class ParamGroup:
-    """A trainable group: lr multiplier and whether it starts with the base weight decay
-    (``False`` starts at 0 and, annealed, still rises toward ``wd_eta_min``, as in mmengine)."""
-
-    name: str
-    lr_mult: float = 1.0
-    weight_decay: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """SPEC §5 defaults: AdamW, poly LR (power 0.9) to 0, cosine-annealed weight decay."""
+    """RECIPE.md §5 defaults: AdamW, poly LR (power 0.9) to 0, cosine-annealed weight decay."""
 
     lr: float = 1e-4
     b1: float = 0.9
@@ -49,58 +40,20 @@ class OptimConfig:
     warmup_steps: int = 0
 
 
-def label_params(
-    params: Params, rules: Sequence[tuple[str, str]], groups: Sequence[ParamGroup] = ()
-) -> Params:
-    """A tree of group names, one per leaf: the first rule whose regex is found in the path.
-
-    Raises naming every uncovered path, and (when ``groups`` is given) any rule naming a group
-    that is neither defined nor ``FROZEN``.
-    """
-    if groups:
-        known = {g.name for g in groups} | {FROZEN}
-        unknown = sorted({name for _, name in rules} - known)
-        if unknown:
-            raise ValueError(f"label rules name undefined groups {unknown}; known: {sorted(known)}")
-    compiled = [(re.compile(pattern), name) for pattern, name in rules]
-    labels, uncovered = {}, []
-    for path in traverse_util.flatten_dict(params, sep="/"):
-        name = next((n for pattern, n in compiled if pattern.search(path)), None)
-        if name is None:
-            uncovered.append(path)
-        labels[path] = name
-    if uncovered:
-        raise ValueError(f"{len(uncovered)} parameters match no label rule: {uncovered}")
-    return traverse_util.unflatten_dict(labels, sep="/")
-
-
-def _select(params: Params, labels: Params, keep: Callable[[str], bool]) -> Params:
-    flat_labels = traverse_util.flatten_dict(labels, sep="/")
-    flat = traverse_util.flatten_dict(params, sep="/")
-    if flat.keys() != flat_labels.keys():
-        missing = sorted(flat.keys() ^ flat_labels.keys())
-        raise ValueError(f"params and labels differ at {missing}")
-    return traverse_util.unflatten_dict(
-        {k: v for k, v in flat.items() if keep(flat_labels[k])}, sep="/"
+def optim_config(cfg: ml_collections.ConfigDict) -> OptimConfig:
+    """``cfg.optim`` and the run length as the optimizer's settings."""
+    o = cfg.optim
+    return OptimConfig(
+        lr=o.lr,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        wd_eta_min=o.weight_decay_min,
+        total_steps=cfg.train.steps,
+        lr_power=o.power,
+        warmup_steps=o.warmup_steps,
     )
-
-
-def split_trainable(params: Params, labels: Params) -> tuple[Params, Params]:
-    """``(trainable, frozen)`` subtrees; differentiate only the first."""
-    return (
-        _select(params, labels, lambda name: name != FROZEN),
-        _select(params, labels, lambda name: name == FROZEN),
-    )
-
-
-def merge_trees(a: Params, b: Params) -> Params:
-    """Union of two trees with disjoint leaves (the inverse of ``split_trainable``)."""
-    flat_a = traverse_util.flatten_dict(a, sep="/")
-    flat_b = traverse_util.flatten_dict(b, sep="/")
-    shared = sorted(flat_a.keys() & flat_b.keys())
-    if shared:
-        raise ValueError(f"trees overlap at {shared}")
-    return traverse_util.unflatten_dict({**flat_a, **flat_b}, sep="/")
 
 
 def poly_lr(cfg: OptimConfig, mult: float = 1.0) -> optax.Schedule:
