@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 from scipy import stats
-from train_helpers import make_data, process_group, tiny_config
+from train_helpers import process_group, tiny_config
 
 from recyclelora_jax import compare
 from recyclelora_jax.analysis import effective_rank
@@ -42,9 +42,9 @@ def _compare(config_file, workdir, overrides=None):
 
 
 @pytest.fixture(scope="module")
-def comparison(tmp_path_factory):
+def comparison(tmp_path_factory, data):
     root = tmp_path_factory.mktemp("compare")
-    cfg = tiny_config(make_data(root / "data"), steps=STEPS, checkpoint_every=2, eval_every=2)
+    cfg = tiny_config(data, steps=STEPS, checkpoint_every=2, eval_every=2)
     cfg.optim.lr = 0.05  # four steps must move the adapters far enough to change predictions
     cfg.mesh.data = 1
     config_file = root / "tiny.py"
