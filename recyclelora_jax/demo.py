@@ -6,31 +6,26 @@
    set, else a small DINOv2-architecture ViT pretrained by dense contrast across photometric
    views on unlabelled images of every style (cached in the workdir) -- no weights can be
    downloaded here.
-3. Freeze it, attach RecycleLoRA with the RRQR init, train on the "synthetic" style only.
-4. Evaluate on held-out synthetic images (source) and on the unseen styles (targets), then the
-   same for the baselines (frozen backbone, plain LoRA), and print one comparison table.
+3. Compare ``demo.methods`` over ``demo.seeds`` (``recyclelora_jax.compare``): each run freezes
+   it, attaches the method's adapters and trains on the "synthetic" style only, then evaluates on
+   held-out synthetic images (source) and on the unseen styles (targets); the comparison gives
+   every method's mean ± std and its paired difference to ``demo.baseline`` with a 95 % interval.
 """
 
 from __future__ import annotations
 
-import logging
+import shutil
 from pathlib import Path
 
-import jax
 import ml_collections
-import numpy as np
 
+from recyclelora_jax import compare
 from recyclelora_jax.build import arch_from_name
-from recyclelora_jax.config import apply_method
 from recyclelora_jax.convert import save_converted
 from recyclelora_jax.data.pipeline import Source, make_train_loader
 from recyclelora_jax.data.synthetic import prepare_synthetic_once
 from recyclelora_jax.models.dinov2 import DinoV2
 from recyclelora_jax.pretrain import pretrain_contrastive
-from recyclelora_jax.runner import make_evaluator
-from recyclelora_jax.train.trainer import train
-
-log = logging.getLogger(__name__)
 
 
 def prepare_data(d: ml_collections.ConfigDict) -> Path:
@@ -73,37 +68,22 @@ def foundation_weights(cfg: ml_collections.ConfigDict, workdir: Path) -> Path:
     return file
 
 
-def comparison_table(results: dict[str, dict]) -> str:
-    """Methods as rows, datasets as columns (mIoU %), plus the target mean."""
-    first = next(iter(results.values()))
-    names = list(first["miou"])
-    head = f"{'method':<14}" + "".join(f"{n:>16}" for n in names) + f"{'target mean':>14}"
-    lines = [head, "-" * len(head)]
-    for method, r in results.items():
-        targets = [r["miou"][n] for n in names[1:]]
-        cells = "".join(f"{r['miou'][n]:>16.2f}" for n in names)
-        lines.append(f"{method:<14}{cells}{np.mean(targets):>14.2f}")
-    return "\n".join(lines)
-
-
 def run_demo(cfg: ml_collections.ConfigDict, workdir: Path) -> dict:
-    """Prepare the data and the foundation model, train and evaluate RecycleLoRA and each of
-    ``cfg.demo.baselines`` (one ``train()`` run each), print and save the comparison."""
-    cfg = ml_collections.ConfigDict(cfg.to_dict())  # an unlocked copy
+    """Prepare the data and the foundation model, then run the comparison of ``demo.methods``
+    over ``demo.seeds`` on the config file and ``--config.x=`` overrides ``train.py`` was given
+    (each run's config is that file with ``method=``, ``seed=``); returns the comparison."""
+    from absl import flags
+    from ml_collections import config_flags
+
     workdir = Path(workdir)
+    compare.use_compile_cache(workdir)  # before the first compile: the pretraining's
     prepare_data(cfg.demo)
+    overrides = dict(config_flags.get_override_values(flags.FLAGS["config"]))
     if not cfg.model.backbone.weights:
-        cfg.model.backbone.weights = str(foundation_weights(cfg, workdir))
-    results = {}
-    for method in ("recyclelora", *cfg.demo.baselines):
-        sub = apply_method(ml_collections.ConfigDict(cfg.to_dict()), method)
-        png = workdir / "predictions.png" if method == "recyclelora" else None
-        log.info("=== %s ===", method)
-        results[method] = train(
-            sub, workdir / method, make_evaluator(sub, png, cfg.demo.png_per_dataset)
-        )
-    table = comparison_table(results)
-    if jax.process_index() == 0:
-        print(f"\nmIoU (%) on held-out source images and unseen target styles:\n{table}")
-        (workdir / "summary.txt").write_text(table + "\n")
-    return results["recyclelora"]
+        overrides["model.backbone.weights"] = str(foundation_weights(cfg, workdir))
+    d = cfg.demo
+    config = config_flags.get_config_filename(flags.FLAGS["config"])
+    results = compare.compare(config, overrides, d.methods, d.seeds, workdir, d.baseline)
+    shown = compare.run_dir(workdir, d.methods[0], d.seeds[0]) / compare.PREDICTIONS
+    shutil.copyfile(shown, workdir / compare.PREDICTIONS)
+    return results

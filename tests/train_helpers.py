@@ -27,7 +27,7 @@ def make_data(root: Path) -> dict[str, tuple[str, Path]]:
 
 def tiny_config(data: dict, method: str = "recyclelora", **train) -> ml_collections.ConfigDict:
     """The smoke config with the linear head (compiles in seconds) on the test datasets:
-    3 steps of batch 8 by default. The Mask2Former loop runs in the demo test."""
+    3 steps of batch 8 by default."""
     c = smoke(apply_method(base_config(), method))
     c.model.head = ml_collections.ConfigDict(dict(name="linear", num_classes=19))
     gtav = str(data["gtav"][1])
