@@ -127,7 +127,7 @@ def run_config(config: str, overrides: Mapping[str, Any], method: str, seed: int
 def train_run(cfg, rd: Path) -> dict:
     """Train (or resume) one run in this process and mark it finished with its final mIoU."""
     from recyclelora_jax import runner
-    from recyclelora_jax.train.loop import train
+    from recyclelora_jax.train.trainer import train
 
     results = train(cfg, rd, runner.make_evaluator(cfg, rd / PREDICTIONS))
     result = {"miou": results["miou"]}
@@ -178,27 +178,21 @@ def train_runs(
 # ------------------------------------------------------------------- costs and analyses
 
 
-def step_cost(cfg, rd: Path) -> dict[str, int]:
+def step_cost(cfg) -> dict[str, int]:
     """Trainable parameters (all, and of the backbone) and the per-device memory of the
-    compiled training step (arguments + outputs + temporaries - donated) of the run in ``rd``."""
+    compiled training step (arguments + outputs + temporaries - donated), for ``cfg``'s shapes."""
     import jax
-    import jax.numpy as jnp
 
-    from recyclelora_jax.train.loop import build_run, make_step_fn
+    from recyclelora_jax.train import trainer
+    from recyclelora_jax.train.sharding import make_mesh
 
-    run = build_run(cfg, rd)
-    n, crop = cfg.train.batch_size, cfg.data.crop_size
-    batch = {
-        "image": jax.ShapeDtypeStruct((n, crop, crop, 3), jnp.float32),
-        "label": jax.ShapeDtypeStruct((n, crop, crop), jnp.int32),
-    }
-    opt = jax.eval_shape(run.tx.init, run.trainable)
-    lowered = make_step_fn(run).lower(run.trainable, opt, run.frozen, batch, jnp.int32(0))
-    mem = lowered.compile().memory_analysis()
+    setup, state, frozen, batch = trainer.abstract_train_state(cfg, make_mesh(**cfg.mesh))
+    mem = trainer.make_train_step(setup, state, frozen).lower(state, frozen, batch).compile()
+    mem = mem.memory_analysis()
     size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
     return {
-        "trainable_params": size(run.trainable),
-        "trainable_backbone_params": size(run.trainable.get("backbone", {})),
+        "trainable_params": size(state["trainable"]),
+        "trainable_backbone_params": size(state["trainable"].get("backbone", {})),
         "step_memory_bytes": int(
             mem.argument_size_in_bytes
             + mem.output_size_in_bytes
@@ -216,12 +210,11 @@ def analyse_run(rd: Path) -> dict[str, float]:
     adapters."""
     import jax
 
+    from recyclelora_jax import build
     from recyclelora_jax.analysis import adapter_stats, column_norm_ratios
-    from recyclelora_jax.export import load_trained
-    from recyclelora_jax.train.loop import build_run
-    from recyclelora_jax.train.optim import merge_trees
+    from recyclelora_jax.export import restore_run
 
-    model, trained, cfg = load_trained(rd)
+    model, trained, cfg = restore_run(rd)
     layout = model.backbone.adapters
     if not layout:
         return {}
@@ -234,8 +227,8 @@ def analyse_run(rd: Path) -> dict[str, float]:
     grassmann = [entry["grassmann_b"] for entry in stats.values() if "grassmann_b" in entry]
     if grassmann:
         out["grassmann_main_sub"] = float(np.mean(grassmann))
-    run = build_run(cfg, rd)  # the init, from the run's adapter cache
-    init = jax.device_get(merge_trees(run.trainable, run.frozen))["backbone"]
+    backbone, base = build.load_backbone_weights(cfg, cfg.seed)
+    init = jax.device_get(build.init_params(cfg, backbone, base, rd)[1])["backbone"]
     try:
         ratios = column_norm_ratios(trained, init, layout, "main")
     except ValueError:  # an init that chose no input columns (LoRA's dense ``a``)
@@ -432,7 +425,7 @@ def summarise(
     results = collect(cfgs[methods[0]], methods, seeds, workdir, baseline)
     analyses = {m: {str(s): analyse_run(run_dir(workdir, m, s)) for s in seeds} for m in methods}
     for method in methods:
-        results[method].update(step_cost(cfgs[method], run_dir(workdir, method, seeds[0])))
+        results[method].update(step_cost(cfgs[method]))
         per_seed = list(analyses[method].values())
         for key in sorted(set.intersection(*(set(a) for a in per_seed))):
             results[method][key] = float(np.mean([a[key] for a in per_seed]))
@@ -498,7 +491,7 @@ def main() -> None:
         import sys
 
         from recyclelora_jax import runner
-        from recyclelora_jax.train.loop import ConfigError, Preempted
+        from recyclelora_jax.train.trainer import ConfigError, Preempted
 
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")

@@ -27,7 +27,7 @@ from train_helpers import process_group, tiny_config
 
 from recyclelora_jax import compare
 from recyclelora_jax.analysis import effective_rank
-from recyclelora_jax.export import load_trained
+from recyclelora_jax.export import restore_run
 
 METHODS, SEEDS, STEPS, BASELINE = ("recyclelora", "frozen"), (0, 1), 4, "frozen"
 RUNS = len(METHODS) * len(SEEDS)
@@ -173,7 +173,7 @@ def test_costs_and_adapter_analyses_from_the_checkpoints(comparison):
     analysis = json.loads((workdir / "analysis.json").read_text())
     size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
     for m in METHODS:
-        model, params, _ = load_trained(compare.run_dir(workdir, m, 0))
+        model, params, _ = restore_run(compare.run_dir(workdir, m, 0))
         head = size(params["head"])
         adapters = size({k: v for k, v in _adapter_leaves(params["backbone"])})
         assert got[m]["trainable_params"] == head + adapters
@@ -182,7 +182,7 @@ def test_costs_and_adapter_analyses_from_the_checkpoints(comparison):
     assert got["frozen"]["trainable_backbone_params"] == 0
     assert analysis["frozen"] == {"0": {}, "1": {}}
     for s in SEEDS:
-        model, params, _ = load_trained(compare.run_dir(workdir, "recyclelora", s))
+        model, params, _ = restore_run(compare.run_dir(workdir, "recyclelora", s))
         trained = jax.device_get(params["backbone"])
         a = analysis["recyclelora"][str(s)]
         for name in ("main", "sub"):

@@ -33,6 +33,7 @@ RANK = {
     "analysis": 5,
     "train": 6,  # the trainer and the package's own __init__
     "preflight": 7,
+    "compare": 7,
     "demo": 7,
     "": 8,  # recyclelora_jax/__init__.py: the public names
 }
