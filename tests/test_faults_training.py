@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from train_helpers import REPO, make_data, tiny_config, write_config_file
+from train_helpers import REPO, tiny_config, write_config_file
 
 from recyclelora_jax import build
 from recyclelora_jax.convert import save_converted
@@ -26,11 +26,6 @@ from recyclelora_jax.train.trainer import (
     Preempted,
     train,
 )
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("synthetic"))
 
 
 def _steps(workdir) -> list[int]:

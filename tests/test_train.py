@@ -24,7 +24,6 @@ from PIL import Image
 from train_helpers import (
     REPO,
     losses,
-    make_data,
     process_group,
     run_cli,
     tiny_config,
@@ -49,11 +48,6 @@ from recyclelora_jax.train.trainer import (
     initial_train_state,
     train,
 )
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("synthetic"))
 
 
 @pytest.fixture(scope="module")
