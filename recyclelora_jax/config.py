@@ -101,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
         dim=256,
         encoder_layers=6,
         decoder_layers=9,
+        sampling="auto",  # bilinear point sampling, head and loss: gather, matmul; auto by backend
+        remat=False,  # recompute the deformable sampling in the backward
+        remat_layers=False,  # recompute every encoder/decoder layer in the backward
     )
 
     # The recipe: which layers get which adapters, then how every parameter trains (regex over

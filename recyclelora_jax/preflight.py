@@ -36,6 +36,7 @@ from recyclelora_jax import recipe
 from recyclelora_jax.losses import segmentation_loss
 from recyclelora_jax.models import flops as flops_lib
 from recyclelora_jax.models.dinov2 import resolve_attention
+from recyclelora_jax.models.sampling import resolve_sampling
 from recyclelora_jax.models.segmentor import Segmentor
 from recyclelora_jax.train import trainer
 from recyclelora_jax.train.sharding import (
@@ -283,11 +284,13 @@ def preflight(
     """Compile every program for ``topology_name``; returns the report (see ``--json``)."""
     devices, chip = topology(topology_name)
     mesh = make_mesh(**cfg.mesh, devices=devices)
-    # "auto" attention is resolved for the target's platform, not for this host's.
+    # "auto" attention and sampling are resolved for the target's platform, not for this host's.
     cfg = cfg.copy_and_resolve_references()
-    b = cfg.model.backbone
+    b, h, platform = cfg.model.backbone, cfg.model.head, devices[0].platform
     with cfg.unlocked():
-        b.attention = resolve_attention(b.get("attention", "auto"), devices[0].platform, b.dtype)
+        b.attention = resolve_attention(b.get("attention", "auto"), platform, b.dtype)
+        if "sampling" in h:
+            h.sampling = resolve_sampling(h.sampling, platform)
     if per_chip_batch is None:
         per_chip_batch = max(cfg.train.batch_size // mesh.size, 1)
     report: dict[str, Any] = {
@@ -298,6 +301,7 @@ def preflight(
         "per_chip_batch": per_chip_batch,
         "bf16_peak_flops": chip.bf16_flops,
         "attention": b.attention,
+        "sampling": h.get("sampling"),
     }
     for name, (fn, args, model) in programs(cfg, mesh, per_chip_batch, parts, evaluate).items():
         log(f"compiling {name} ...")
@@ -320,7 +324,7 @@ def format_report(r: dict) -> str:
     rows = [
         f"{r['topology']}: {r['chips']} x {r['chip']}, mesh {r['mesh']}, per-chip batch "
         f"{r['per_chip_batch']}, HBM {_fmt(r['hbm_capacity_bytes'], '.1f', 1 / GiB)} GiB, "
-        f"attention {r['attention']}",
+        f"attention {r['attention']}, sampling {r.get('sampling') or '-'}",
         "program | HBM GiB (args/temp/out) | fits | TFLOP (model) | GiB accessed | est. ms | "
         "img/s | MFU | compile s | collectives (count, GiB)",
     ]

@@ -1,5 +1,7 @@
 """Matching against scipy and the set loss against transformers' ``Mask2FormerLoss``."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,15 +45,18 @@ def _labels(rng, b=2, h=24, w=20):
     return lab.astype(np.int32)
 
 
-def test_set_loss_matches_transformers(monkeypatch):
+@pytest.mark.parametrize("sampling", ["gather", "matmul"])
+def test_set_loss_matches_transformers(monkeypatch, sampling):
     """Same points injected into the reference (torch.rand patched) -> same three terms."""
+    cfg = dataclasses.replace(CFG, sampling=sampling)
     rng = np.random.default_rng(0)
     b = 2
     cls = rng.normal(size=(b, Q, K + 1)).astype(np.float32)
     masks = rng.normal(size=(b, Q, 6, 5)).astype(np.float32) * 3
     labels = _labels(rng, b)
+    points = sample_loss_points(jax.random.key(1), b, CFG)
     match_pts, over_pts, rand_pts = (
-        np.asarray(x) for x in sample_loss_points(jax.random.key(1), b, CFG)
+        np.ascontiguousarray(np.moveaxis(np.asarray(x), 0, -1)) for x in points
     )
     present = [np.unique(lab[lab != 255]) for lab in labels]
     mask_labels = [
@@ -86,13 +91,7 @@ def test_set_loss_matches_transformers(monkeypatch):
     with torch.no_grad():
         want = reference(**inputs)
     got = jax.jit(set_loss_terms, static_argnums=6)(
-        jnp.asarray(cls),
-        jnp.asarray(masks),
-        jnp.asarray(labels),
-        jnp.asarray(match_pts),
-        jnp.asarray(over_pts),
-        jnp.asarray(rand_pts),
-        CFG,
+        jnp.asarray(cls), jnp.asarray(masks), jnp.asarray(labels), *points, cfg
     )
     for ours, theirs in (
         ("class", "loss_cross_entropy"),
@@ -147,6 +146,24 @@ def test_loss_sums_all_sets():
     per_set = [one_set(lg, mk, key) for (lg, mk), key in zip(sets, keys, strict=True)]
     np.testing.assert_allclose(terms["dice"], 5.0 * sum(t["dice"] for t in per_set), rtol=1e-5)
     np.testing.assert_allclose(terms["class"], 2.0 * sum(t["class"] for t in per_set), rtol=1e-5)
+
+
+def test_matmul_sampling_gives_the_gather_loss_and_gradients():
+    """The TPU layout (interpolation-weight matmuls) against today's gathers, float32."""
+    rng = np.random.default_rng(6)
+    labels = jnp.asarray(_labels(rng))
+    outputs = _outputs(rng, 2)
+
+    def run(sampling):
+        cfg = dataclasses.replace(CFG, sampling=sampling)
+        fn = lambda o: segmentation_loss(o, labels, jax.random.key(2), cfg)[0]
+        return jax.jit(jax.value_and_grad(fn))(outputs)
+
+    (loss0, g0), (loss1, g1) = run("gather"), run("matmul")
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+    for name, a in g0.items():
+        scale = float(jnp.abs(a).max())
+        np.testing.assert_allclose(g1[name], a, rtol=0, atol=1e-5 * scale, err_msg=name)
 
 
 def test_present_classes():

@@ -222,6 +222,31 @@ def test_head_end_to_end_parity(reference):
         np.testing.assert_allclose(out[key], want, atol=1e-4 * np.abs(want).max())
 
 
+def test_tpu_layout_and_layer_remat_keep_outputs_and_gradients(reference):
+    """matmul sampling + every layer rematerialised: the same parameter tree (the reference's),
+    outputs and gradients equal to the default layout to 1e-5 of the largest output / the
+    largest gradient entry (float32 rounding: some gradients, such as biases before a norm,
+    are zero up to cancellation of terms in the hundreds)."""
+    head_params = {
+        "pixel_decoder": reference["pixel_params"],
+        "transformer_decoder": reference["decoder_params"],
+    }
+    feats = [jnp.asarray(f) for f in reference["feats"]]
+    kw = dict(decoder_layers=3, decoder_ffn_dim=64, pyramid_scales=(1.0,) * 4)
+
+    def run(**layout):
+        head = Mask2FormerHead(CLASSES, DIM, QUERIES, HEADS, 2, 64, **kw, **layout)
+        fn = lambda p, f: head.apply({"params": p}, f)
+        out, vjp = jax.vjp(fn, head_params, feats)
+        return out, vjp(jax.tree.map(jnp.sin, out))
+
+    want, got = run(), run(sampling="matmul", remat=True, remat_layers=True)
+    for w, g in zip(want, got, strict=True):
+        scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(w))
+        for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(g), strict=True):
+            np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * scale)
+
+
 def test_pyramid_matches_torch_interpolate():
     x = np.random.default_rng(0).normal(size=(1, 6, 5, 3)).astype(np.float32)
     got = build_pyramid([jnp.asarray(x)] * 4)

@@ -15,7 +15,12 @@ import jax.numpy as jnp
 
 from recyclelora_jax.losses.matching import hungarian_match
 from recyclelora_jax.models.resize import resize_bilinear
-from recyclelora_jax.models.sampling import bilinear_corners, sample_points
+from recyclelora_jax.models.sampling import (
+    bilinear_corners,
+    resolve_sampling,
+    sample_points,
+    sample_points_matmul,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +36,7 @@ class LossConfig:
     num_points: int = 12544
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
+    sampling: str = "auto"  # point sampling of the mask logits: gather, matmul, auto (backend)
 
     @property
     def num_uncertain(self) -> int:
@@ -48,16 +54,16 @@ def present_classes(labels: jax.Array, num_classes: int) -> jax.Array:
     return counts[:, :num_classes] > 0
 
 
-def label_points(label: jax.Array, points: jax.Array, classes: jax.Array) -> jax.Array:
-    """``grid_sample`` of the binary mask ``label == class`` at ``points``, without the mask.
+def label_points(label: jax.Array, x: jax.Array, y: jax.Array, classes: jax.Array) -> jax.Array:
+    """``grid_sample`` of the binary mask ``label == class`` at points (x, y), without the mask.
 
-    label (H, W); points (..., P, 2); ``classes`` broadcasts against (..., P), e.g. (K, 1) with
-    points (1, P, 2) gives every class at shared points -> (K, P).
+    label (H, W); x, y (..., P); ``classes`` broadcasts against (..., P), e.g. (K, 1) with
+    points (P,) gives every class at shared points -> (K, P).
     """
     h, w = label.shape
-    idx, wts = bilinear_corners(points, h, w)
+    idx, wts = bilinear_corners(x, y, h, w)
     corner_labels = label.reshape(-1)[idx]
-    return (wts * (corner_labels == classes[..., None])).sum(-1)
+    return sum(wts[c] * (corner_labels[c] == classes) for c in range(4))
 
 
 def _bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -70,34 +76,83 @@ def _dice(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return 1.0 - (2.0 * (p * targets).sum(-1) + 1.0) / (p.sum(-1) + targets.sum(-1) + 1.0)
 
 
-def _match_image(cls_logits, mask_logits, label, valid, points, cfg: LossConfig):
-    """Per image: cost 2*class + 5*mask-BCE + 5*dice on shared uniform points -> (K,) queries."""
-    k, q = cfg.num_classes, mask_logits.shape[0]
+def _sample(maps: jax.Array, x: jax.Array, y: jax.Array, sampling: str) -> jax.Array:
+    """(N, h, w) maps at per-map points (N, P) -> (N, P) float32, by ``sampling``."""
+    if resolve_sampling(sampling, jax.default_backend()) == "matmul":
+        return sample_points_matmul(maps, x, y)
+    return sample_points(maps, x, y)
+
+
+def _match_cost(cls_logits, mask_logits, label, x, y, cfg: LossConfig):
+    """Per image: cost 2*class + 5*mask-BCE + 5*dice on shared uniform points -> (Q, K).
+
+    The Q masks are sampled at the shared points as rows of the (h*w, Q) transposed maps: a
+    gather of whole rows, with the query axis minor."""
+    k, (q, h, w) = cfg.num_classes, mask_logits.shape
     prob = jax.nn.softmax(cls_logits, -1)[:, :k]
-    pred = sample_points(mask_logits, jnp.broadcast_to(points, (q, *points.shape)))  # (Q, P)
-    tgt = label_points(label, points[None], jnp.arange(k)[:, None])  # (K, P)
-    n = points.shape[0]
-    cost_mask = (jax.nn.softplus(-pred) @ tgt.T + jax.nn.softplus(pred) @ (1.0 - tgt).T) / n
+    idx, wts = bilinear_corners(x, y, h, w)  # (4, P)
+    rows = mask_logits.reshape(q, h * w).T[idx]  # (4, P, Q)
+    pred = (rows.astype(jnp.float32) * wts[..., None]).sum(0)  # (P, Q)
+    tgt = label_points(label, x, y, jnp.arange(k)[:, None])  # (K, P)
+    n = x.shape[0]
+    cost_mask = (jax.nn.softplus(-pred).T @ tgt.T + jax.nn.softplus(pred).T @ (1.0 - tgt).T) / n
     sig = jax.nn.sigmoid(pred)
-    denom = sig.sum(-1)[:, None] + tgt.sum(-1)[None, :] + 1.0
-    cost_dice = 1.0 - (2.0 * sig @ tgt.T + 1.0) / denom
-    cost = cfg.class_weight * -prob + cfg.mask_weight * cost_mask + cfg.dice_weight * cost_dice
-    return hungarian_match(cost, valid)
+    denom = sig.sum(0)[:, None] + tgt.sum(-1)[None, :] + 1.0
+    cost_dice = 1.0 - (2.0 * sig.T @ tgt.T + 1.0) / denom
+    return cfg.class_weight * -prob + cfg.mask_weight * cost_mask + cfg.dice_weight * cost_dice
 
 
-def _mask_terms(mask_logits, label, match, valid, over_points, rand_points, cfg: LossConfig):
-    """Per image: summed point BCE and dice of the matched pairs on importance-sampled points."""
+def _mask_terms(mask_logits, label, match, valid, over, rand, cfg: LossConfig):
+    """Per image: summed point BCE and dice of the matched pairs on importance-sampled points
+    (``over``, ``rand``: (2, K, P') coordinates)."""
     k = cfg.num_classes
     pred = mask_logits[match]  # (K, h, w), target slot k <- its matched query
-    uncertainty = -jnp.abs(sample_points(jax.lax.stop_gradient(pred), over_points))
+    uncertainty = -jnp.abs(_sample(jax.lax.stop_gradient(pred), *over, cfg.sampling))
     _, top = jax.lax.top_k(uncertainty, cfg.num_uncertain)
-    points = jnp.take_along_axis(over_points, top[..., None], axis=1)
-    points = jax.lax.stop_gradient(jnp.concatenate([points, rand_points], axis=1))
-    logits = sample_points(pred, points)  # (K, P)
-    targets = label_points(label, points, jnp.arange(k)[:, None])
+    x, y = (
+        jax.lax.stop_gradient(jnp.concatenate([jnp.take_along_axis(o, top, 1), r], 1))
+        for o, r in zip(over, rand, strict=True)
+    )
+    logits = _sample(pred, x, y, cfg.sampling)  # (K, P)
+    targets = label_points(label, x, y, jnp.arange(k)[:, None])
     bce = jnp.where(valid, _bce(logits, targets).mean(-1), 0.0).sum()
     dice = jnp.where(valid, _dice(logits, targets), 0.0).sum()
     return bce, dice
+
+
+def set_match(class_logits, mask_logits, labels, match_points, cfg: LossConfig) -> jax.Array:
+    """Cost matrices (B, Q, K) of one prediction set (see ``set_loss_terms``)."""
+    b, q, kp1 = class_logits.shape
+    if kp1 != cfg.num_classes + 1 or mask_logits.shape[:2] != (b, q) or labels.shape[0] != b:
+        raise ValueError(
+            f"class logits {class_logits.shape}, masks {mask_logits.shape}, labels "
+            f"{labels.shape} do not fit {cfg.num_classes} classes + no-object"
+        )
+    x, y = match_points
+    return jax.vmap(lambda *a: _match_cost(*a, cfg))(class_logits, mask_logits, labels, x, y)
+
+
+def set_terms(class_logits, mask_logits, labels, match, over_points, rand_points, cfg):
+    """The three unweighted terms of one set given its matching (B, K) (``set_loss_terms``)."""
+    b, q, _ = class_logits.shape
+    k = cfg.num_classes
+    valid = present_classes(labels, k)
+    targets = jnp.full((b, q), k, jnp.int32)
+    targets = jax.vmap(lambda t, m, v: t.at[m].set(jnp.where(v, jnp.arange(k), k)))(
+        targets, match, valid
+    )
+    weights = jnp.where(targets == k, cfg.no_object_weight, 1.0)
+    logp = jax.nn.log_softmax(class_logits, -1)
+    ce = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    bce, dice = jax.vmap(lambda *a: _mask_terms(*a, cfg), in_axes=(0, 0, 0, 0, 1, 1))(
+        mask_logits, labels, match, valid, over_points, rand_points
+    )
+    num_masks = jnp.maximum(valid.sum(), 1).astype(class_logits.dtype)
+    return {
+        "class": (weights * ce).sum() / weights.sum(),
+        "mask": bce.sum() / num_masks,
+        "dice": dice.sum() / num_masks,
+    }
 
 
 def set_loss_terms(
@@ -112,48 +167,26 @@ def set_loss_terms(
     """Unweighted class / mask / dice terms of one prediction set, with explicit points.
 
     class_logits (B, Q, K+1); mask_logits (B, Q, h, w); labels (B, H, W) with ``ignore_index``;
-    match_points (B, P, 2); over_points (B, K, P*ratio, 2); rand_points (B, K, P - P_unc, 2);
-    points are (x, y) in [0, 1]. Normalisation as mmdet/transformers: class CE is the weighted
-    mean over all queries; mask terms are summed over matched pairs and divided by the number
-    of targets in the batch (at least 1).
+    points are (x, y) in [0, 1] along a leading axis of 2 (no minor axis of 2 on TPU):
+    match_points (2, B, P); over_points (2, B, K, P*ratio); rand_points (2, B, K, P - P_unc).
+    Normalisation as mmdet/transformers: class CE is the weighted mean over all queries; mask
+    terms are summed over matched pairs and divided by the number of targets in the batch (at
+    least 1).
     """
-    b, q, kp1 = class_logits.shape
-    k = cfg.num_classes
-    if kp1 != k + 1 or mask_logits.shape[:2] != (b, q) or labels.shape[0] != b:
-        raise ValueError(
-            f"class logits {class_logits.shape}, masks {mask_logits.shape}, labels "
-            f"{labels.shape} do not fit {k} classes + no-object"
-        )
-    valid = present_classes(labels, k)
-    match = jax.vmap(lambda *a: _match_image(*a, cfg))(
-        class_logits, mask_logits, labels, valid, match_points
-    )
-    targets = jnp.full((b, q), k, jnp.int32)
-    targets = jax.vmap(lambda t, m, v: t.at[m].set(jnp.where(v, jnp.arange(k), k)))(
-        targets, match, valid
-    )
-    weights = jnp.where(targets == k, cfg.no_object_weight, 1.0)
-    logp = jax.nn.log_softmax(class_logits, -1)
-    ce = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
-    bce, dice = jax.vmap(lambda *a: _mask_terms(*a, cfg))(
-        mask_logits, labels, match, valid, over_points, rand_points
-    )
-    num_masks = jnp.maximum(valid.sum(), 1).astype(class_logits.dtype)
-    return {
-        "class": (weights * ce).sum() / weights.sum(),
-        "mask": bce.sum() / num_masks,
-        "dice": dice.sum() / num_masks,
-    }
+    cost = set_match(class_logits, mask_logits, labels, match_points, cfg)
+    match = jax.vmap(hungarian_match)(cost, present_classes(labels, cfg.num_classes))
+    return set_terms(class_logits, mask_logits, labels, match, over_points, rand_points, cfg)
 
 
 def sample_loss_points(key: jax.Array, batch: int, cfg: LossConfig) -> tuple[jax.Array, ...]:
-    """Uniform points for matching, oversampling and the random share of one prediction set."""
+    """Uniform (x, y) points (leading axis 2) for matching, oversampling and the random share
+    of one prediction set."""
     k1, k2, k3 = jax.random.split(key, 3)
     k, p = cfg.num_classes, cfg.num_points
     return (
-        jax.random.uniform(k1, (batch, p, 2)),
-        jax.random.uniform(k2, (batch, k, cfg.num_oversampled, 2)),
-        jax.random.uniform(k3, (batch, k, p - cfg.num_uncertain, 2)),
+        jax.random.uniform(k1, (2, batch, p)),
+        jax.random.uniform(k2, (2, batch, k, cfg.num_oversampled)),
+        jax.random.uniform(k3, (2, batch, k, p - cfg.num_uncertain)),
     )
 
 
@@ -162,19 +195,29 @@ def mask2former_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted loss summed over all prediction sets (aux sets then the final one).
 
-    Sets run one after another (``lax.map``) so only one set's sampled points are alive.
+    Costs and terms run one set after another (``lax.map``: only one set's sampled points are
+    alive); the matchings of all sets and images are one vmapped Hungarian solve, so its
+    sequential loop runs once, not once per set.
     """
     # float32 statistics from 16-bit outputs: class logits here, mask logits where sampled.
     logits = jnp.concatenate([outputs["aux_logits"], outputs["pred_logits"][None]])
     logits = logits.astype(jnp.float32)
     masks = jnp.concatenate([outputs["aux_masks"], outputs["pred_masks"][None]])
     keys = jax.random.split(rng, logits.shape[0])
+    batch = logits.shape[1]
+    points = lambda key: sample_loss_points(key, batch, cfg)
+
+    cost = jax.lax.map(
+        lambda a: set_match(a[0], a[1], labels, points(a[2])[0], cfg), (logits, masks, keys)
+    )
+    valid = present_classes(labels, cfg.num_classes)
+    match = jax.vmap(jax.vmap(hungarian_match), (0, None))(cost, valid)
 
     def one_set(args):
-        lg, mk, key = args
-        return set_loss_terms(lg, mk, labels, *sample_loss_points(key, lg.shape[0], cfg), cfg)
+        lg, mk, mt, key = args
+        return set_terms(lg, mk, labels, mt, *points(key)[1:], cfg)
 
-    terms = jax.lax.map(one_set, (logits, masks, keys))
+    terms = jax.lax.map(one_set, (logits, masks, match, keys))
     weighted = {
         "class": cfg.class_weight * terms["class"].sum(),
         "mask": cfg.mask_weight * terms["mask"].sum(),

@@ -123,11 +123,18 @@ class EncoderLayer(nn.Module):
     ffn_dim: int
     remat: bool
     dtype: Any = None
+    sampling: str = "auto"
 
     @nn.compact
     def __call__(self, x, pos, refs, shapes):
         attn = MultiScaleDeformableAttention(
-            self.num_heads, len(shapes), self.num_points, self.remat, self.dtype, name="self_attn"
+            self.num_heads,
+            len(shapes),
+            self.num_points,
+            self.remat,
+            self.dtype,
+            self.sampling,
+            name="self_attn",
         )
         x = _layer_norm("self_attn_norm", self.dtype)(x + attn(x + pos, refs, x, shapes))
         return FeedForward(self.ffn_dim, _xavier_normal, self.dtype, name="ffn")(x)
@@ -147,6 +154,8 @@ class PixelDecoder(nn.Module):
     ffn_dim: int = 1024
     remat: bool = False
     dtype: Any = None
+    sampling: str = "auto"
+    remat_layers: bool = False
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
@@ -166,13 +175,15 @@ class PixelDecoder(nn.Module):
         x = jnp.concatenate(tokens, 1)
         pos = jnp.concatenate(pos, 0)[None].astype(x.dtype)
         refs = reference_points(shapes)[None]
+        layer = nn.remat(EncoderLayer, static_argnums=(4,)) if self.remat_layers else EncoderLayer
         for i in range(self.num_layers):
-            x = EncoderLayer(
+            x = layer(
                 self.num_heads,
                 self.num_points,
                 self.ffn_dim,
                 self.remat,
                 dtype,
+                self.sampling,
                 name=f"encoder_{i}",
             )(x, pos, refs, shapes)
         splits = [h * w for h, w in shapes]
@@ -281,6 +292,7 @@ class TransformerDecoder(nn.Module):
     ffn_dim: int = 2048
     num_queries: int = 100
     dtype: Any = None
+    remat_layers: bool = False
 
     @nn.compact
     def __call__(
@@ -321,9 +333,10 @@ class TransformerDecoder(nn.Module):
 
         logits, masks, keep = predict(x, shapes[0])
         all_logits, all_masks = [logits], [masks]
+        layer = nn.remat(DecoderLayer) if self.remat_layers else DecoderLayer
         for i in range(self.num_layers):
             lvl = i % len(levels)
-            x = DecoderLayer(self.num_heads, self.ffn_dim, dtype, name=f"layers_{i}")(
+            x = layer(self.num_heads, self.ffn_dim, dtype, name=f"layers_{i}")(
                 x, query_pos, memory[lvl], memory_pos[lvl], keep
             )
             logits, masks, keep = predict(x, shapes[(i + 1) % len(levels)])
@@ -375,6 +388,9 @@ class Mask2FormerHead(nn.Module):
     pyramid_scales: tuple[float, ...] = PYRAMID_SCALES
     remat: bool = False
     dtype: Any = None  # compute dtype; None follows the features (bfloat16 from a bf16 backbone)
+    sampling: str = "auto"  # deformable attention's gather / matmul (`msdeform`); auto by backend
+    # Recompute each encoder and decoder layer in the backward (keeps only layer inputs).
+    remat_layers: bool = False
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array], train: bool = False) -> dict[str, jax.Array]:
@@ -389,6 +405,8 @@ class Mask2FormerHead(nn.Module):
             self.encoder_ffn_dim,
             self.remat,
             dtype,
+            self.sampling,
+            self.remat_layers,
             name="pixel_decoder",
         )(pyramid)
         logits, masks = TransformerDecoder(
@@ -399,6 +417,7 @@ class Mask2FormerHead(nn.Module):
             self.decoder_ffn_dim,
             self.num_queries,
             dtype,
+            self.remat_layers,
             name="transformer_decoder",
         )(levels, mask_features)
         return {

@@ -1,10 +1,16 @@
-"""Multi-scale deformable attention (Deformable DETR) with gather-based bilinear sampling.
+"""Multi-scale deformable attention (Deformable DETR) without dense (H, W) offsets grids.
 
-PyTorch samples with ``grid_sample(align_corners=False, padding_mode="zeros")``. Here every
-sampling point becomes four corner indices into the flattened level and four bilinear weights
-(zero outside the map, `sampling.bilinear_corners`), so the gradient is a scatter-add over the
-value rows and nothing of size (B, Q, heads, levels, points, H, W) is ever built; the largest
-intermediate is the gathered (B, heads, Q, points*4, head_dim) block of one level.
+PyTorch samples with ``grid_sample(align_corners=False, padding_mode="zeros")``. Two
+formulations of the same bilinear weights (``models.sampling``), chosen by ``sampling``:
+
+- ``gather``: every point becomes four corner indices into the flattened level and four
+  weights; the values are gathered and the backward is a scatter-add over the value rows. The
+  largest intermediate is the gathered (B, heads, Q, 4*points, head_dim) block of one level.
+  Cheapest on CPU.
+- ``matmul``: per level, the points' x and y interpolation weights multiply into the sampling
+  matrix (B, heads, Q, h*w), applied to the values as one matmul (and its transpose in the
+  backward), the matrix rebuilt in the backward rather than stored. More FLOPs, but on the
+  MXU and without gathers, scatters or minor axes of 2 or 4 (TPU).
 """
 
 from __future__ import annotations
@@ -19,35 +25,68 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recyclelora_jax.models.sampling import bilinear_corners
+from recyclelora_jax.models.sampling import (
+    SAMPLINGS,
+    axis_weights,
+    bilinear_corners,
+    resolve_sampling,
+)
 
 Shapes = tuple[tuple[int, int], ...]
 
 
+def _gather_level(level, x, y, weights, h, w):
+    """level (B, heads, hw, D); x, y, weights (B, heads, Q, P) -> (B, heads, Q, D)."""
+    b, heads, q, npts = x.shape
+    idx, wts = bilinear_corners(x, y, h, w)  # (4, B, heads, Q, P)
+    wts = (wts * weights).transpose(1, 2, 3, 0, 4).reshape(b, heads, q, 4 * npts)
+    idx = idx.transpose(1, 2, 3, 0, 4).reshape(b, heads, q * 4 * npts, 1)
+    gathered = jnp.take_along_axis(level, idx, axis=2).reshape(b, heads, q, 4 * npts, -1)
+    return jnp.einsum("bnqk,bnqkd->bnqd", wts.astype(level.dtype), gathered)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(4, 5))
+def _matmul_level(level, x, y, weights, h, w):
+    """As ``_gather_level``, through the dense (B, heads, Q, h*w) sampling matrix, which is
+    recomputed in the backward rather than stored (it is h*w / (4*points) times larger than
+    the gathered block)."""
+    b, heads, q, _ = x.shape
+    wy = axis_weights(y, h) * weights[..., None]  # (B, heads, Q, P, h)
+    a = jnp.einsum("bnqpy,bnqpx->bnqyx", wy, axis_weights(x, w)).reshape(b, heads, q, h * w)
+    return jnp.einsum("bnqs,bnsd->bnqd", a.astype(level.dtype), level)
+
+
+_LEVEL_SAMPLERS = {"gather": _gather_level, "matmul": _matmul_level}
+
+
 def ms_deform_sample(
-    values: jax.Array, shapes: Shapes, locations: jax.Array, weights: jax.Array
+    values: jax.Array,
+    shapes: Shapes,
+    x: jax.Array,
+    y: jax.Array,
+    weights: jax.Array,
+    sampling: str = "gather",
 ) -> jax.Array:
     """The deformable-attention core, one level at a time.
 
-    values (B, S, heads, D) with S = sum(h*w) in level order; locations (B, Q, heads, L, P, 2) in
-    [0, 1]; weights (B, Q, heads, L, P) (already softmaxed). Returns (B, Q, heads*D).
+    values (B, S, heads, D) with S = sum(h*w) in level order; x, y (B, heads, Q, L, P) point
+    coordinates in [0, 1]; weights (B, heads, Q, L, P) (already softmaxed). Returns
+    (B, Q, heads*D).
     """
     b, _, heads, d = values.shape
-    q, levels, npts = locations.shape[1], locations.shape[3], locations.shape[4]
+    q, levels = x.shape[2], x.shape[3]
     if levels != len(shapes) or values.shape[1] != sum(h * w for h, w in shapes):
-        raise ValueError(f"values {values.shape} / locations {locations.shape} vs shapes {shapes}")
+        raise ValueError(f"values {values.shape} / points {x.shape} vs shapes {shapes}")
+    if sampling not in _LEVEL_SAMPLERS:
+        raise ValueError(f"deformable sampling {sampling!r}: use one of {SAMPLINGS}")
+    level_fn = _LEVEL_SAMPLERS[sampling]
     out = jnp.zeros((b, heads, q, d), values.dtype)
     start = 0
     for lvl, (h, w) in enumerate(shapes):
         level = values[:, start : start + h * w].transpose(0, 2, 1, 3)  # (B, heads, hw, D)
         start += h * w
-        idx, wts = bilinear_corners(locations[:, :, :, lvl], h, w)  # (B, Q, heads, P, 4)
-        wts = wts * weights[:, :, :, lvl, :, None]
-        idx = idx.transpose(0, 2, 1, 3, 4).reshape(b, heads, q * npts * 4)
-        wts = wts.transpose(0, 2, 1, 3, 4).reshape(b, heads, q, npts * 4)
-        gathered = jnp.take_along_axis(level, idx[..., None], axis=2)
-        gathered = gathered.reshape(b, heads, q, npts * 4, d)
-        out = out + jnp.einsum("bnqk,bnqkd->bnqd", wts.astype(values.dtype), gathered)
+        pts = (t[:, :, :, lvl] for t in (x, y, weights))
+        out = out + level_fn(level, *pts, h, w)
     return out.transpose(0, 2, 1, 3).reshape(b, q, heads * d)
 
 
@@ -74,7 +113,8 @@ class MultiScaleDeformableAttention(nn.Module):
     """Deformable attention of queries over a flattened multi-level map (2-d reference points).
 
     ``remat`` recomputes the sampling in the backward pass instead of storing the gathered
-    corner values (the largest activations of the pixel decoder). With a 16-bit ``dtype`` the
+    corner values or sampling matrices (the largest activations of the pixel decoder);
+    ``sampling`` is ``gather`` or ``matmul`` (see the module docstring). With a 16-bit ``dtype`` the
     projections and the sampled values are 16-bit; the attention softmax and the sampling
     locations stay float32 (a bf16 location in [0, 1] is off by up to half a pixel of a
     128-pixel map).
@@ -85,6 +125,7 @@ class MultiScaleDeformableAttention(nn.Module):
     num_points: int = 4
     remat: bool = False
     dtype: Any = None
+    sampling: str = "auto"  # gather, matmul, or auto (by backend, `resolve_sampling`)
 
     @nn.compact
     def __call__(
@@ -120,10 +161,15 @@ class MultiScaleDeformableAttention(nn.Module):
         xavier = nn.initializers.xavier_uniform()
         v = nn.Dense(c, kernel_init=xavier, dtype=self.dtype, name="value_proj")(values)
         v = v.reshape(b, v.shape[1], heads, c // heads)
-        normalizer = jnp.asarray([[w, h] for h, w in shapes], f32)
-        locations = refs[:, :, None, None, None, :] + offsets / normalizer[:, None, :]
-        core = functools.partial(ms_deform_sample, shapes=shapes)
+        heights = jnp.asarray([h for h, _ in shapes], f32)
+        widths = jnp.asarray([w for _, w in shapes], f32)
+        # Point coordinates as (B, heads, Q, L, P) arrays: x and y apart, Q not minor.
+        to_points = lambda t: t.transpose(0, 2, 1, 3, 4)
+        x = to_points(refs[:, :, None, None, None, 0] + offsets[..., 0] / widths[:, None])
+        y = to_points(refs[:, :, None, None, None, 1] + offsets[..., 1] / heights[:, None])
+        sampling = resolve_sampling(self.sampling, jax.default_backend())
+        core = functools.partial(ms_deform_sample, shapes=shapes, sampling=sampling)
         if self.remat:
             core = jax.checkpoint(core)
-        out = core(v, locations=locations, weights=weights)
+        out = core(v, x=x, y=y, weights=to_points(weights))
         return nn.Dense(c, kernel_init=xavier, dtype=self.dtype, name="output_proj")(out)

@@ -195,7 +195,9 @@ def initial_train_state(
 
 
 def loss_config(cfg: ml_collections.ConfigDict) -> LossConfig:
-    return LossConfig(num_classes=cfg.model.head.num_classes, **cfg.model.head.get("loss", {}))
+    h = cfg.model.head
+    sampling = h.get("sampling", "auto")  # one switch for the head's and the loss's sampling
+    return LossConfig(num_classes=h.num_classes, sampling=sampling, **h.get("loss", {}))
 
 
 def make_train_step(setup: Setup, state: State, frozen: Params) -> Callable:
