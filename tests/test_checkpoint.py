@@ -15,7 +15,6 @@ def _save(ckpt: Checkpointer, step: int, tree=TREE) -> None:
         step,
         trainable=tree,
         opt_state={"mu": tree},
-        rng=jax.random.key(0),
         data_iter={"state": "{}"},
         meta={"step": step},
     )

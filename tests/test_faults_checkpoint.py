@@ -39,7 +39,6 @@ def _save(ckpt: Checkpointer, step: int) -> None:
         step,
         trainable=trainable,
         opt_state=opt_state,
-        rng=jax.random.key(step),
         data_iter={"state": f"iterator at {step}"},
         meta={"config": {"lr": 0.1 * step}, "base_weights": "base.safetensors"},
     )
