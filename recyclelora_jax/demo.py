@@ -62,9 +62,7 @@ def foundation_weights(cfg: ml_collections.ConfigDict, workdir: Path) -> Path:
         backbone, images, steps=d.pretrain_steps, lr=d.pretrain_lr, seed=cfg.seed
     )
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    save_converted(tmp, backbone, params)
-    tmp.replace(file)
+    save_converted(file, backbone, params)  # atomic: safetensors_file writes, then renames
     return file
 
 
