@@ -20,7 +20,7 @@ from recyclelora_jax.models.segmentor import Segmentor, build_head
 def model_and_params():
     backbone = DinoV2(DinoV2Arch(32, 1, 2, patch_size=8, pos_grid=4), out_indices=(0, 0, 0, 0))
     model = Segmentor(backbone, build_head("linear", 19))
-    params = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
     return model, params
 
 
@@ -46,7 +46,9 @@ def test_sixteen_bit_photo_is_scaled_not_clipped(model_and_params, tmp_path, spy
     grey = np.random.default_rng(0).integers(0, 2**16, (40, 48), dtype=np.uint16)
     (tmp_path / "in").mkdir()
     cv2.imwrite(str(tmp_path / "in" / "deep.png"), grey)
-    own_images.segment_folder(*model_and_params, _cfg("whole"), tmp_path / "in", tmp_path / "out")
+    own_images.segment_folder(  # native size: the test scale would run a 1024 x 1229 image
+        *model_and_params, _cfg("whole"), tmp_path / "in", tmp_path / "out", scale=None
+    )
     shown = np.asarray(Image.open(tmp_path / "out" / "deep.png"))[:, :48]  # image | prediction
     np.testing.assert_array_equal(shown, np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, 2))
 
