@@ -437,7 +437,7 @@ def test_eval_py_segments_a_folder_with_an_official_checkpoint(official, tmp_pat
     Image.fromarray(rgb).save(photos / "street.png")
     repo = Path(__file__).resolve().parent.parent
     args = [sys.executable, str(repo / "eval.py"), f"--checkpoint={path}",
-            f"--images={photos}", f"--out={tmp_path / 'out'}"]  # fmt: skip
+            f"--images={photos}", f"--out={tmp_path / 'out'}", "--native_size"]  # fmt: skip
     done = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     ids = np.asarray(Image.open(tmp_path / "out" / "images" / "street_ids.png"))
