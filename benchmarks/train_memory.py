@@ -1,12 +1,13 @@
 """Memory of the jitted train step: gradients of the trainable leaves only vs of every leaf.
 
-ViT-B/14 backbone (86 M parameters) with RecycleLoRA adapters (main 32 + sub 4) on all 48
-linear layers; loss = mean square of the four feature maps. Both steps run the same AdamW
-groups. Baselines differentiate the whole tree: (a) frozen leaves in an AdamW group with lr 0
-(freezing by lr multiplier: gradients and Adam state for all 92 M parameters); (b) frozen
-updates replaced by `optax.set_to_zero`, whose unused gradients XLA may delete. Nothing is
-allocated: parameters are shapes from `jax.eval_shape`; `compiled.memory_analysis()` reports
-XLA's buffer assignment (parameters and optimizer state donated in every variant).
+The step is ``train.py``'s (``train.trainer.make_train_step`` on ``abstract_train_state``): a
+ViT-B/14 backbone with RecycleLoRA adapters (main 32 + sub 4) on all 48 linear layers, the
+linear head and its pixel cross-entropy (the head's cost is not what is measured). Baselines
+differentiate the whole tree through the same loss with the same AdamW groups: (a) frozen
+leaves in an AdamW group with lr 0 (freezing by lr multiplier: gradients and Adam state for
+every parameter); (b) frozen updates replaced by `optax.set_to_zero`, whose unused gradients
+XLA may delete. Nothing is allocated: everything is shapes; `compiled.memory_analysis()`
+reports XLA's buffer assignment (parameters and optimizer state donated in every variant).
 """
 
 from __future__ import annotations
@@ -16,30 +17,22 @@ import os
 import platform
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from recyclelora_jax import recipe
-from recyclelora_jax.config import base_config
-from recyclelora_jax.models.dinov2 import ARCHS, DinoV2
-from recyclelora_jax.peft.params import attach_shapes
-from recyclelora_jax.recipe import from_config
-from recyclelora_jax.train import optim
+from recyclelora_jax.config import FROZEN, base_config
+from recyclelora_jax.models.dinov2 import ARCHS
+from recyclelora_jax.train import optim, trainer
+from recyclelora_jax.train.sharding import make_mesh
 
 
-def _loss_fn(model: DinoV2):
-    def loss(params, images):
-        feats = model.apply({"params": params["backbone"]}, images)["features"]
-        return sum(jnp.mean(f.astype(jnp.float32) ** 2) for f in feats)
+def _naive_step(setup: trainer.Setup, optimizer: optax.GradientTransformation):
+    loss_fn = trainer.make_loss_fn(setup)
 
-    return loss
-
-
-def _naive_step(model: DinoV2, optimizer: optax.GradientTransformation):
-    def step(params, opt_state, images):
-        loss, grads = jax.value_and_grad(_loss_fn(model))(params, images)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    def step(params, opt_state, images, labels):
+        grad = jax.grad(lambda p: loss_fn(p, {}, images, labels, jax.random.key(0))[0])
+        updates, opt_state = optimizer.update(grad(params), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
 
     return step
 
@@ -66,33 +59,35 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="image side in pixels")
     args = parser.parse_args()
     arch = ARCHS[args.arch]
-    plan = from_config(base_config(), arch)  # the paper's recipe
-    backbone, layout = attach_shapes(arch, plan.attach)
-    model = DinoV2(arch, out_indices=(2, 5, 8, 11), adapters=layout)
-    params = {"backbone": backbone}
-    images = jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32)
-    cfg = optim.OptimConfig()
-    labels = recipe.label_params(params, plan.labels, plan.groups)
-    trainable, frozen = recipe.split_trainable(params, labels)
-    trainable_labels, _ = recipe.split_trainable(labels, labels)
+    cfg = base_config()  # the paper's recipe, on the pretrained patch and position grid
+    quarters = tuple(arch.depth * (i + 1) // 4 - 1 for i in range(4))
+    cfg.model.backbone.update(
+        arch=args.arch, patch_size=arch.patch_size, pos_grid=arch.pos_grid, out_indices=quarters
+    )
+    cfg.model.head = dict(name="linear", num_classes=19)
+    cfg.data.crop_size = args.size
+    cfg.train.batch_size = args.batch
+    cfg.mesh.update(data=1, fsdp=1)
+    setup, state, frozen, batch = trainer.abstract_train_state(cfg, make_mesh(**cfg.mesh))
+    params = recipe.merge_trees(state["trainable"], frozen)
     n = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}")
-    print(f"{args.arch}: {n(trainable):,} trainable of {n(params):,} parameters")
+    print(f"{args.arch}: {n(state['trainable']):,} trainable of {n(params):,} parameters")
 
-    optimizer = optim.make_optimizer(cfg, plan.groups, trainable_labels)
-    step = optim.make_train_step(_loss_fn(model), optimizer)
-    state = jax.eval_shape(optimizer.init, trainable)
-    ours = jax.jit(step, donate_argnums=(0, 2)).lower(trainable, frozen, state, images).compile()
+    step = trainer.make_train_step(setup, state, frozen)
+    ours = step.lower(state, frozen, batch).compile()
 
-    transforms = {g.name: optim.group_transform(cfg, g) for g in plan.groups}
-    zero_lr = optim.group_transform(cfg, recipe.ParamGroup("frozen", 0.0, False))
+    ocfg = optim.optim_config(cfg)
+    plan = recipe.from_config(cfg, setup.model.backbone.arch)
+    transforms = {g.name: optim.group_transform(ocfg, g) for g in plan.groups}
+    zero_lr = optim.group_transform(ocfg, recipe.ParamGroup(FROZEN, 0.0, False))
     baselines = {}
     for name, frozen_tx in (("all grads, lr-0 group", zero_lr), ("all grads, set_to_zero", None)):
         frozen_tx = frozen_tx or optax.set_to_zero()
-        naive_opt = optax.partition({**transforms, optim.FROZEN: frozen_tx}, labels)
+        naive_opt = optax.partition({**transforms, FROZEN: frozen_tx}, setup.labels)
         naive_state = jax.eval_shape(naive_opt.init, params)
-        naive = jax.jit(_naive_step(model, naive_opt), donate_argnums=(0, 1))
-        baselines[name] = naive.lower(params, naive_state, images).compile()
+        naive = jax.jit(_naive_step(setup, naive_opt), donate_argnums=(0, 1))
+        baselines[name] = naive.lower(params, naive_state, *batch.values()).compile()
 
     print(f"{'MiB':<28}{'args':>9}{'outputs':>9}{'temp':>9}{'aliased':>9}{'total':>9}{'GFLOP':>9}")
     total_ours = _report("trainable-only gradients", ours)

@@ -5,6 +5,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -12,7 +13,7 @@ import torch
 from _peft_fixtures import OUT, TINY, tiny_backbone
 from flax import traverse_util
 
-from recyclelora_jax import recipe
+from recyclelora_jax import build, recipe
 from recyclelora_jax.config import (
     FROZEN,
     apply_method,
@@ -23,29 +24,45 @@ from recyclelora_jax.config import (
 from recyclelora_jax.models.dinov2 import DinoV2
 from recyclelora_jax.peft.params import attach, attach_shapes
 from recyclelora_jax.recipe import ParamGroup, label_params, merge_trees, split_trainable
+from recyclelora_jax.train import trainer
 from recyclelora_jax.train.optim import (
     OptimConfig,
     cosine_wd,
     ema_update,
     group_transform,
     make_optimizer,
-    make_train_step,
     optim_config,
     param_overview,
     poly_lr,
-    value_and_grad_trainable,
 )
+from recyclelora_jax.train.sharding import make_mesh
 
 STEPS = (0, 1, 20_000, 39_999, 40_000)
+
+
+def _step_config():
+    """The smoke config with the linear head and RecycleLoRA 8 + 2 on 2 crops of 32 px, 10
+    steps, one device: what the step tests run through ``train.trainer``. Adam's eps is 1e-4:
+    the reference optimizers get their gradients from another compiled program than the step's,
+    and where |g| is near eps, ``g / (|g| + eps)`` amplifies last-bit gradient differences by
+    up to 1/eps (the formulas compared hold for any eps)."""
+    c = smoke(base_config())
+    c.model.head = ml_collections.ConfigDict(dict(name="linear", num_classes=19))
+    c.adapters = recyclelora_adapters(main=8, sub=2)
+    c.data.crop_size = 32
+    c.train.update(steps=10, batch_size=2)
+    c.optim.eps = 1e-4
+    c.mesh.update(data=1, fsdp=1)
+    return c
+
+
+CFG = _step_config()
 
 
 def _plan(method: str = "recyclelora") -> recipe.Recipe:
     """The config's recipe on the tiny backbone: RecycleLoRA 8 + 2, or ``method`` at smoke size
     (SoMA then adapts blocks 1-3)."""
-    c = base_config()
-    c.adapters = recyclelora_adapters(main=8, sub=2)
-    if method != "recyclelora":
-        c = smoke(apply_method(c, method))
+    c = CFG if method == "recyclelora" else smoke(apply_method(base_config(), method))
     return recipe.from_config(c, TINY)
 
 
@@ -118,20 +135,6 @@ def _full_tree(seed=0):
     return {"backbone": backbone, "head": head}, layout, images
 
 
-def _loss_fn(layout):
-    model = DinoV2(TINY, out_indices=OUT, layerscale_init=1.0, adapters=layout)
-
-    def loss(params, images):
-        feats = model.apply({"params": params["backbone"]}, images)["features"][-1]
-        h = params["head"]
-        y = feats.mean((1, 2)) @ h["proj"]["kernel"] + h["proj"]["bias"]
-        y = y * h["out_norm"]["scale"] + h["out_norm"]["bias"]
-        queries = h["transformer_decoder"]["query_embed"] + h["transformer_decoder"]["query_feat"]
-        return jnp.mean((y[:, None] - queries) ** 2)
-
-    return loss
-
-
 def test_labels_first_match_and_errors(full_tree):
     params, _, _ = full_tree
     labels = _flat(label_params(params, PLAN.labels, PLAN.groups))
@@ -166,30 +169,61 @@ def test_labels_first_match_and_errors(full_tree):
 
 def _adamw_first_step(p, g, lr, wd):
     """Hand-computed torch AdamW at t=1: m̂ = g, v̂ = g², p ← p(1 - lr·wd) - lr·g/(|g| + eps)."""
-    return p * (1 - lr * wd) - lr * g / (np.abs(g) + 1e-8)
+    return p * (1 - lr * wd) - lr * g / (np.abs(g) + CFG.optim.eps)
 
 
-def test_three_steps_frozen_untouched_groups_use_their_lr(full_tree):
-    params, layout, images = full_tree
-    cfg = OptimConfig(total_steps=10)
-    labels = label_params(params, PLAN.labels, PLAN.groups)
-    trainable, frozen = split_trainable(params, labels)
-    trainable_labels, _ = split_trainable(labels, labels)
-    optimizer = make_optimizer(cfg, PLAN.groups, trainable_labels)
-    opt_state = optimizer.init(trainable)
+@pytest.fixture(scope="module")
+def step_setup(full_tree):
+    """``train.trainer``'s setup, abstract state and frozen base for the tiny backbone, and
+    the starting full tree (its adapters, the linear head's init)."""
+    backbone_params, layout, images = full_tree
+    backbone = DinoV2(TINY, out_indices=OUT, layerscale_init=1.0)
+    setup, abstract, abstract_frozen, batch = trainer.abstract_train_state(
+        CFG, make_mesh(**CFG.mesh), backbone
+    )
+    assert setup.model.backbone.adapters == layout
+    head = build.init_head(setup.model, CFG.data.crop_size, CFG.seed)
+    params = {"backbone": backbone_params["backbone"], "head": head}
+    labels = np.random.default_rng(0).integers(0, 19, images.shape[:3])
+    labels[:, :4] = 255  # some ignored pixels
+    batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels, jnp.int32)}
+    return setup, abstract, abstract_frozen, params, batch
+
+
+def test_three_steps_frozen_untouched_groups_use_their_lr(step_setup):
+    """Three steps of the jitted step train.py runs against torch's AdamW with mmengine's
+    per-iteration weight-decay annealing, fed the gradients of the same loss."""
+    setup, abstract, abstract_frozen, params, batch = step_setup
+    trainable, frozen = split_trainable(params, setup.labels)
+    trainable_labels, _ = split_trainable(setup.labels, setup.labels)
+    place = lambda tree, like: jax.device_put(tree, jax.tree.map(lambda x: x.sharding, like))
+    state = place(
+        {
+            "trainable": trainable,
+            "opt": setup.tx.init(trainable),
+            "ema": None,
+            "step": jnp.int32(0),
+        },
+        abstract,
+    )
+    frozen = place(frozen, abstract_frozen)
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
-    state_floats = sum(x.size for x in jax.tree.leaves(opt_state) if x.dtype == jnp.float32)
+    state_floats = sum(x.size for x in jax.tree.leaves(state["opt"]) if x.dtype == jnp.float32)
     assert n_frozen > n_trainable and state_floats == 2 * n_trainable  # mu, nu: trainable only
 
-    grad_fn = jax.jit(value_and_grad_trainable(_loss_fn(layout)))
-    step = jax.jit(make_train_step(_loss_fn(layout), optimizer))
+    loss_fn = trainer.make_loss_fn(setup)
+    grad_fn = jax.jit(jax.grad(lambda *a: loss_fn(*a)[0]))
+    step = trainer.make_train_step(setup, abstract, abstract_frozen)
     torch_opt, torch_params = _torch_adamw(trainable, trainable_labels)
     torch_sched = torch.optim.lr_scheduler.PolynomialLR(torch_opt, total_iters=10, power=0.9)
-    start = _flat(trainable)
+    start = _flat(jax.device_get(trainable))
+    key = jax.random.key(CFG.seed)
     for t in range(3):
-        _, grads = grad_fn(trainable, frozen, images)
-        grads = _flat(grads)
+        rng = jax.random.fold_in(key, t)
+        before = _flat(jax.device_get(state["trainable"]))  # the step donates its state
+        grads = grad_fn(state["trainable"], frozen, batch["image"], batch["label"], rng)
+        grads = _flat(jax.device_get(grads))
         assert grads.keys() == start.keys()  # no gradient exists for frozen leaves
         for group in torch_opt.param_groups:  # mmengine: anneal wd per iteration
             w0 = group["initial_wd"]
@@ -197,20 +231,25 @@ def test_three_steps_frozen_untouched_groups_use_their_lr(full_tree):
             group["params"][0].grad = torch.tensor(np.asarray(grads[group["key"]]))
         torch_opt.step()
         torch_sched.step()
-        before = _flat(trainable)
-        trainable, opt_state, _ = step(trainable, frozen, opt_state, images)
+        state, metrics = step(state, frozen, batch)
+        assert int(state["step"]) == t + 1 and np.isfinite(float(metrics["loss"]))
+        after = _flat(jax.device_get(state["trainable"]))
         if t == 0:  # hand-computed first step: main at lr 1e-4, sub at 5e-5, both wd 0
             for name, lr in (("main", 1e-4), ("sub", 5e-5)):
-                key = f"backbone/blocks_1/attn/qkv/adapter_{name}/b"
-                want = _adamw_first_step(np.asarray(before[key]), np.asarray(grads[key]), lr, 0.0)
-                np.testing.assert_allclose(_flat(trainable)[key], want, rtol=0, atol=1e-8)
-        for key, value in _flat(trainable).items():
-            _assert_same_update(np.asarray(value), torch_params[key].numpy(), start[key])
-    after = _flat(merge_trees(trainable, frozen))
-    for key, value in _flat(frozen).items():
-        np.testing.assert_array_equal(after[key], value)  # bit-identical
-    for key in (k for k in start if "adapter_" in k):
-        assert not np.array_equal(after[key], start[key]), key
+                key_ = f"backbone/blocks_1/attn/qkv/adapter_{name}/b"
+                p0, g = (np.asarray(x[key_], np.float64) for x in (before, grads))
+                want = _adamw_first_step(p0, g, lr, 0.0)
+                # one float32 rounding of p + update, and the update within 1e-5 of itself
+                # (optax's float32 bias correction 1 - b2^t; see _assert_same_update)
+                tol = np.spacing(np.abs(after[key_])) + lr * 1e-5
+                assert (np.abs(after[key_] - want) <= tol).all(), key_
+        for name, value in after.items():
+            _assert_same_update(value, torch_params[name].numpy(), start[name])
+    merged = _flat(jax.device_get(merge_trees(state["trainable"], frozen)))
+    for name, value in _flat(split_trainable(params, setup.labels)[1]).items():
+        np.testing.assert_array_equal(merged[name], value)  # bit-identical
+    for name in (k for k in start if "adapter_" in k):
+        assert not np.array_equal(merged[name], start[name]), name
 
 
 def _assert_same_update(ours, theirs, start):
@@ -235,34 +274,29 @@ def _torch_adamw(trainable, labels):
         param_groups.append(
             {"params": [tensor], "lr": 1e-4 * group.lr_mult, "initial_wd": wd, "key": key}
         )
-    return torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8), tensors
+    return torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=CFG.optim.eps), tensors
 
 
-def _naive_step(loss_fn, cfg, labels):
-    """The wasteful baseline: differentiate every leaf, freeze by an lr-0 AdamW group."""
+def test_trainable_only_step_needs_less_memory(step_setup):
+    """The step train.py runs against the wasteful baseline on the same loss: differentiate
+    every leaf and freeze by an lr-0 AdamW group (parameters and optimizer state donated)."""
+    setup, abstract, abstract_frozen, _, batch = step_setup
+    ours = trainer.make_train_step(setup, abstract, abstract_frozen)
+    ours = ours.lower(abstract, abstract_frozen, batch).compile()
+    cfg = optim_config(CFG)
     transforms = {g.name: group_transform(cfg, g) for g in PLAN.groups}
     zero_lr = group_transform(cfg, ParamGroup(FROZEN, 0.0, False))
-    optimizer = optax.partition({**transforms, FROZEN: zero_lr}, labels)
+    naive_opt = optax.partition({**transforms, FROZEN: zero_lr}, setup.labels)
+    loss_fn = trainer.make_loss_fn(setup)
 
-    def step(params, opt_state, images):
-        loss, grads = jax.value_and_grad(loss_fn)(params, images)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    def naive(params, opt_state, images, labels):
+        grads = jax.grad(lambda p: loss_fn(p, {}, images, labels, jax.random.key(0))[0])(params)
+        updates, opt_state = naive_opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
 
-    return optimizer, step
-
-
-def test_trainable_only_step_needs_less_memory(full_tree):
-    params, layout, images = full_tree
-    cfg = OptimConfig(total_steps=10)
-    labels = label_params(params, PLAN.labels, PLAN.groups)
-    trainable, frozen = split_trainable(params, labels)
-    optimizer = make_optimizer(cfg, PLAN.groups, split_trainable(labels, labels)[0])
-    step = jax.jit(make_train_step(_loss_fn(layout), optimizer), donate_argnums=(0, 2))
-    ours = step.lower(trainable, frozen, optimizer.init(trainable), images).compile()
-    naive_opt, naive = _naive_step(_loss_fn(layout), cfg, labels)
-    naive = jax.jit(naive, donate_argnums=(0, 1))
-    full = naive.lower(params, naive_opt.init(params), images).compile()
+    params = merge_trees(abstract["trainable"], abstract_frozen)
+    full = jax.jit(naive, donate_argnums=(0, 1))
+    full = full.lower(params, jax.eval_shape(naive_opt.init, params), *batch.values()).compile()
 
     def total(compiled):
         m = compiled.memory_analysis()
@@ -275,7 +309,7 @@ def test_trainable_only_step_needs_less_memory(full_tree):
 
     # The saving is the frozen leaves' Adam moments (2x their bytes) less a little scheduling
     # slack; XLA fuses their gradients into the update instead of materialising them.
-    frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(frozen))
+    frozen_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_frozen))
     assert total(full) - total(ours) >= 1.5 * frozen_bytes
     assert ours.cost_analysis()["flops"] < full.cost_analysis()["flops"]  # no frozen weight grads
 

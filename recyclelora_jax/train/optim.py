@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -20,7 +20,7 @@ import optax
 from flax import traverse_util
 
 from recyclelora_jax.config import FROZEN
-from recyclelora_jax.recipe import ParamGroup, merge_trees
+from recyclelora_jax.recipe import ParamGroup
 
 Params = dict[str, Any]
 
@@ -116,35 +116,6 @@ def make_optimizer(
         raise ValueError(f"labels use groups {missing} that are not defined: {sorted(defined)}")
     transforms = {name: group_transform(cfg, defined[name]) for name in used}
     return optax.partition(transforms, trainable_labels)
-
-
-def value_and_grad_trainable(
-    loss_fn: Callable[..., jax.Array],
-) -> Callable[..., tuple[jax.Array, Params]]:
-    """``(trainable, frozen, *args) -> (loss, grads)``: ``loss_fn(params, *args)`` on the merged
-    tree, differentiated with respect to the trainable leaves only."""
-
-    def wrapped(trainable: Params, frozen: Params, *args: Any) -> tuple[jax.Array, Params]:
-        return jax.value_and_grad(lambda t: loss_fn(merge_trees(t, frozen), *args))(trainable)
-
-    return wrapped
-
-
-def make_train_step(
-    loss_fn: Callable[..., jax.Array], optimizer: optax.GradientTransformation
-) -> Callable[..., tuple[Params, optax.OptState, jax.Array]]:
-    """``(trainable, frozen, opt_state, *args) -> (trainable, opt_state, loss)``: one optimizer
-    step in which neither gradients nor optimizer state exist for frozen leaves."""
-    grad_fn = value_and_grad_trainable(loss_fn)
-
-    def step(
-        trainable: Params, frozen: Params, opt_state: optax.OptState, *args: Any
-    ) -> tuple[Params, optax.OptState, jax.Array]:
-        loss, grads = grad_fn(trainable, frozen, *args)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return step
 
 
 def ema_update(

@@ -200,23 +200,30 @@ def loss_config(cfg: ml_collections.ConfigDict) -> LossConfig:
     return LossConfig(num_classes=h.num_classes, sampling=sampling, **h.get("loss", {}))
 
 
-def make_train_step(setup: Setup, state: State, frozen: Params) -> Callable:
-    """The jitted step ``(state, frozen, batch) -> (state, metrics)`` with explicit shardings
-    (from the abstract ``state`` and ``frozen``), the state donated, optional gradient
-    accumulation and the EMA update; a non-finite loss leaves the state unchanged."""
-    cfg, model, tx = setup.cfg, setup.model, setup.tx
-    loss_cfg = loss_config(cfg)
-    accum = cfg.train.grad_accum
-    key = jax.random.key(cfg.seed)
-    lr = optim.poly_lr(optim.optim_config(cfg))
-    momentum, ema_start = cfg.optim.ema_momentum, cfg.optim.ema_start
+def make_loss_fn(setup: Setup) -> Callable:
+    """The step's loss ``(trainable, frozen, images, labels, rng) -> (loss, terms)`` on the
+    merged tree; the step differentiates its first argument (tests take its gradients to drive
+    reference optimizers; the rng of step ``t`` is ``fold_in(key(cfg.seed), t)``)."""
+    model, loss_cfg = setup.model, loss_config(setup.cfg)
 
     def loss_fn(trainable, frozen, images, labels, rng):
         params = recipe.merge_trees(trainable, frozen)
         outputs = model.apply({"params": params}, images, train=True)
         return segmentation_loss(outputs, labels, rng, loss_cfg)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    return loss_fn
+
+
+def make_train_step(setup: Setup, state: State, frozen: Params) -> Callable:
+    """The jitted step ``(state, frozen, batch) -> (state, metrics)`` with explicit shardings
+    (from the abstract ``state`` and ``frozen``), the state donated, optional gradient
+    accumulation and the EMA update; a non-finite loss leaves the state unchanged."""
+    cfg, tx = setup.cfg, setup.tx
+    accum = cfg.train.grad_accum
+    key = jax.random.key(cfg.seed)
+    lr = optim.poly_lr(optim.optim_config(cfg))
+    momentum, ema_start = cfg.optim.ema_momentum, cfg.optim.ema_start
+    grad_fn = jax.value_and_grad(make_loss_fn(setup), has_aux=True)
 
     def accumulated_grad_fn(trainable, frozen, images, labels, rng):
         """Mean of ``grad_fn`` over ``accum`` micro-batches, one alive at a time."""
