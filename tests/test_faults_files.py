@@ -40,11 +40,17 @@ def umask():
     os.umask(previous)
 
 
+@pytest.fixture(scope="module")
+def base():
+    """The smoke config's random frozen base, built once for the three umasks."""
+    return build.load_backbone_weights(smoke(base_config()), 0)
+
+
 @pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
-def test_written_files_follow_the_umask(tmp_path, umask, mask):
+def test_written_files_follow_the_umask(tmp_path, umask, mask, base):
     """Converted bases, exports and adapter trees: not the safetensors writer's owner-only 0600."""
     umask(mask)
-    model, params = build.load_backbone_weights(smoke(base_config()), 0)
+    model, params = base
     save_converted(tmp_path / "converted.safetensors", model, params)
     save_tree(tmp_path / "tree.safetensors", {"a": {"b": np.ones(3, np.float32)}})
     for name in ("converted.safetensors", "tree.safetensors"):

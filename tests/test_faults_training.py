@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from train_helpers import REPO, tiny_config, write_config_file
+from train_helpers import REPO, process_group, tiny_config, write_config_file
 
 from recyclelora_jax import build
 from recyclelora_jax.convert import save_converted
@@ -136,12 +136,15 @@ def test_sigterm_exits_non_zero_saying_a_rerun_resumes(data, tmp_path):
         f"--config={write_config_file(tmp_path / 'cfg.py', cfg)}",
         f"--workdir={tmp_path / 'run'}",
     ]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    deadline = time.time() + 300
-    while not (tmp_path / "run" / "checkpoints" / "2").is_dir() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
+    with process_group(command, stderr=subprocess.PIPE, text=True, cwd=tmp_path) as proc:
+        # Signalled only once it has checkpointed: a SIGTERM during start-up (a loaded machine)
+        # would kill it before its handler is installed.
+        step_dir, deadline = tmp_path / "run" / "checkpoints" / "2", time.time() + 900
+        while not step_dir.is_dir() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert step_dir.is_dir(), "the first checkpoint never appeared"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "interrupted: stopped by SIGTERM after step" in stderr
     assert "rerun the same command to resume" in stderr

@@ -417,17 +417,30 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(reference_run, data, tmp_
 
 
 def test_eval_cli_end_to_end(reference_run, data, tmp_path):
-    """eval.py on the run's workdir (one dataset, with an export), on the export (the same
-    eval.json), and on a step directory with --images (a segmentation per image)."""
+    """eval.py on the run's workdir (one dataset, with an export) without importing the trainer,
+    the optimizer library or the training input pipeline; on the export (the same eval.json);
+    and on a step directory with --images (a segmentation per image)."""
     _, ref_dir = reference_run
     env = {**os.environ, "XLA_FLAGS": ""}
     eval_py = [sys.executable, str(REPO / "eval.py")]
-    first = run_cli(
-        [*eval_py, f"--workdir={ref_dir}", f"--out={tmp_path / 'a'}", "--datasets=photo",
-         f"--export={tmp_path / 'model.safetensors'}", "--max_images=2"],
-        cwd=tmp_path, env=env,
-    )  # fmt: skip
+    args = [f"--workdir={ref_dir}", f"--out={tmp_path / 'a'}", "--datasets=photo",
+            f"--export={tmp_path / 'model.safetensors'}", "--max_images=2"]  # fmt: skip
+    probe = (  # eval.py as __main__, then the modules it loaded
+        "import json, runpy, sys\n"
+        f"sys.argv = ['eval.py', *{args!r}]\n"
+        "try:\n"
+        f"    runpy.run_path({str(REPO / 'eval.py')!r}, run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    first = run_cli([sys.executable, "-c", probe], cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
+    modules = json.loads(first.stdout.strip().splitlines()[-1])
+    forbidden = ("grain", "optax", "recyclelora_jax.train.trainer", "recyclelora_jax.train.optim")
+    loaded = [m for m in modules if m.split(".")[0] in forbidden[:2] or m in forbidden[2:]]
+    assert not loaded, loaded
+    assert "recyclelora_jax.export" in modules and "recyclelora_jax.evaluate.suite" in modules
     results = json.loads((tmp_path / "a" / "eval.json").read_text())
     assert set(results["miou"]) == {"photo"} and len(results["iou"]["photo"]) == 19
     assert results["mean_miou"] == pytest.approx(results["miou"]["photo"])
@@ -446,7 +459,7 @@ def test_eval_cli_end_to_end(reference_run, data, tmp_path):
         Image.fromarray(pixels).save(images / f"p{i}.png")
     third = run_cli(
         [*eval_py, f"--checkpoint={ref_dir / 'checkpoints' / '2'}", f"--out={tmp_path / 'c'}",
-         f"--images={images}"],
+         f"--images={images}", "--native_size"],  # at the test scale: a 1024 x 1536 pass
         cwd=tmp_path, env=env,
     )  # fmt: skip
     assert third.returncode == 0, third.stderr[-3000:]
@@ -485,33 +498,3 @@ def test_subset_zero_means_every_image_for_gtav_too(data, tmp_path, monkeypatch,
     source = pipeline.MixedSource(seen, seed=0)
     assert len(source) == 16
     assert "fewer than the subset" not in caplog.text
-
-
-def test_eval_restores_a_run_without_the_trainer(reference_run, tmp_path):
-    """``python eval.py --workdir RUN`` restores and evaluates a run without importing the
-    trainer, the optimizer library or the training input pipeline."""
-    _, ref_dir = reference_run
-    probe = (
-        "import json, runpy, sys\n"
-        f"sys.argv = ['eval.py', '--workdir={ref_dir}', '--out={tmp_path}', '--max_images=1']\n"
-        "try:\n"
-        f"    runpy.run_path({str(REPO / 'eval.py')!r}, run_name='__main__')\n"
-        "except SystemExit as e:\n"
-        "    assert not e.code, e.code\n"
-        "print(json.dumps(sorted(sys.modules)))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "XLA_FLAGS": ""},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    modules = json.loads(result.stdout.strip().splitlines()[-1])
-    assert (tmp_path / "eval.json").is_file()
-    forbidden = ("grain", "optax", "recyclelora_jax.train.trainer", "recyclelora_jax.train.optim")
-    loaded = [m for m in modules if m.split(".")[0] in forbidden[:2] or m in forbidden[2:]]
-    assert not loaded, loaded
-    assert "recyclelora_jax.export" in modules and "recyclelora_jax.evaluate.suite" in modules
