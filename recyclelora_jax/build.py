@@ -16,9 +16,10 @@ import ml_collections
 
 from recyclelora_jax import recipe
 from recyclelora_jax.convert import default_interpolation, load_dinov2
+from recyclelora_jax.heads import build_head
 from recyclelora_jax.models.adapters import AdapterLayout
 from recyclelora_jax.models.dinov2 import ARCHS, DinoV2, DinoV2Arch
-from recyclelora_jax.models.segmentor import Segmentor, build_head
+from recyclelora_jax.models.segmentor import Segmentor
 from recyclelora_jax.peft.params import attach, attach_shapes
 
 Params = dict[str, Any]

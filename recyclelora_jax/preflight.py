@@ -33,7 +33,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from recyclelora_jax import recipe
-from recyclelora_jax.losses import segmentation_loss
 from recyclelora_jax.models import flops as flops_lib
 from recyclelora_jax.models.dinov2 import resolve_attention
 from recyclelora_jax.models.sampling import resolve_sampling
@@ -187,7 +186,7 @@ def _part_programs(setup, batch, trainable, frozen, f) -> dict[str, tuple]:
     """Backbone, head and loss, each forward + backward with the cotangent as an argument."""
     model, mesh, cfg = setup.model, setup.mesh, setup.cfg
     images, labels = batch["image"], batch["label"]
-    loss_cfg = trainer.loss_config(cfg)
+    loss_fn = trainer.head_loss(cfg)
     tb, fb = trainable.get("backbone", {}), frozen.get("backbone", {})
     th, fh = trainable.get("head", {}), frozen.get("head", {})
 
@@ -205,7 +204,7 @@ def _part_programs(setup, batch, trainable, frozen, f) -> dict[str, tuple]:
 
     def loss(outs, labels, step):
         rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        return jax.grad(lambda o: segmentation_loss(o, labels, rng, loss_cfg)[0])(outs)
+        return jax.grad(lambda o: loss_fn(o, labels, rng)[0])(outs)
 
     feats = [_batched(mesh, x.shape, x.dtype) for x in jax.eval_shape(features, tb, fb, images)]
     outs = {  # aux_* are (sets, B, ...)

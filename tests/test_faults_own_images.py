@@ -12,8 +12,9 @@ from PIL import Image
 
 from recyclelora_jax.data.transforms import keep_ratio_size
 from recyclelora_jax.evaluate import own_images
+from recyclelora_jax.heads import build_head
 from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
-from recyclelora_jax.models.segmentor import Segmentor, build_head
+from recyclelora_jax.models.segmentor import Segmentor
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ RANK = {
     "pretrain": 2,
     "convert": 3,
     "recipe": 3,
+    "heads": 3,
     "runner": 3,
     "build": 4,
     "official": 4,

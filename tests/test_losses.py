@@ -10,11 +10,12 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from transformers.models.mask2former import modeling_mask2former as hf
 
+from recyclelora_jax.heads import HEADS, head_spec
 from recyclelora_jax.losses import (
     LossConfig,
     hungarian_match,
+    mask2former_loss,
     pixel_cross_entropy,
-    segmentation_loss,
     set_loss_terms,
 )
 from recyclelora_jax.losses.mask2former_loss import present_classes, sample_loss_points
@@ -118,7 +119,7 @@ def test_loss_finite_on_degenerate_labels():
     outputs = _outputs(rng, 3)
     step = jax.jit(
         jax.value_and_grad(
-            lambda o, lab: segmentation_loss(o, lab, jax.random.key(0), CFG), has_aux=True
+            lambda o, lab: mask2former_loss(o, lab, jax.random.key(0), CFG), has_aux=True
         )
     )
     for lab in (labels, np.full_like(labels, 255)):
@@ -134,7 +135,7 @@ def test_loss_sums_all_sets():
     rng = np.random.default_rng(3)
     labels = jnp.asarray(_labels(rng))
     outputs = _outputs(rng, 2, sets=2)
-    _, terms = jax.jit(segmentation_loss, static_argnums=3)(outputs, labels, jax.random.key(5), CFG)
+    _, terms = jax.jit(mask2former_loss, static_argnums=3)(outputs, labels, jax.random.key(5), CFG)
     keys = jax.random.split(jax.random.key(5), 2)
     sets = [
         (outputs["aux_logits"][0], outputs["aux_masks"][0]),
@@ -156,7 +157,7 @@ def test_matmul_sampling_gives_the_gather_loss_and_gradients():
 
     def run(sampling):
         cfg = dataclasses.replace(CFG, sampling=sampling)
-        fn = lambda o: segmentation_loss(o, labels, jax.random.key(2), cfg)[0]
+        fn = lambda o: mask2former_loss(o, labels, jax.random.key(2), cfg)[0]
         return jax.jit(jax.value_and_grad(fn))(outputs)
 
     (loss0, g0), (loss1, g1) = run("gather"), run("matmul")
@@ -182,7 +183,7 @@ def test_pixel_cross_entropy_matches_torch():
         align_corners=False,
     )
     want = torch.nn.functional.cross_entropy(up, torch.from_numpy(labels).long(), ignore_index=255)
-    loss_fn = jax.jit(lambda x, lab: segmentation_loss({"logits": x}, lab, None)[0])
+    loss_fn = jax.jit(lambda x, lab: HEADS["linear"].loss({"logits": x}, lab, None, CFG)[0])
     np.testing.assert_allclose(loss_fn(logits, labels), want.item(), rtol=1e-5)
     empty = jnp.full(labels.shape, 255)
     loss, grad = jax.jit(jax.value_and_grad(lambda x: pixel_cross_entropy(x, empty)[0]))(logits)
@@ -190,9 +191,8 @@ def test_pixel_cross_entropy_matches_torch():
 
 
 def test_bad_inputs_raise():
-    with pytest.raises(ValueError, match="unknown head outputs"):
-        segmentation_loss({"foo": jnp.zeros(1)}, jnp.zeros((1, 2, 2), jnp.int32), None)
-    with pytest.raises(ValueError, match="labels must be"):
-        segmentation_loss({"logits": jnp.zeros(1)}, jnp.zeros((2, 2), jnp.int32), None)
+    for name, outputs in (("linear", {"logits": jnp.zeros(1)}), ("mask2former", {})):
+        with pytest.raises(ValueError, match="labels must be"):
+            head_spec(name).loss(outputs, jnp.zeros((2, 2), jnp.int32), None, CFG)
     with pytest.raises(ValueError, match="at least as many queries"):
         hungarian_match(jnp.zeros((2, 3)), jnp.ones(3, bool))

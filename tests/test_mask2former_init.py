@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from recyclelora_jax.models.segmentor import build_head
+from recyclelora_jax.heads import build_head
 
 DIM, FFN, IN = 128, 256, 96
 

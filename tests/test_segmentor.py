@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from recyclelora_jax.losses import LossConfig, segmentation_loss
+from recyclelora_jax.heads import build_head, head_spec
+from recyclelora_jax.losses import LossConfig
 from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
-from recyclelora_jax.models.segmentor import Segmentor, build_head
+from recyclelora_jax.models.segmentor import Segmentor
 
 K = 5
 CFG = LossConfig(num_classes=K, num_points=32)
@@ -70,7 +71,7 @@ def test_segmentor_contract(head):
 
 
 def test_build_head_unknown():
-    with pytest.raises(ValueError, match="unknown head 'fcn'"):
+    with pytest.raises(ValueError, match=r"model\.head\.name='fcn' unknown"):
         build_head("fcn", K)
 
 
@@ -83,7 +84,7 @@ def test_sharded_grad_equals_single_device(mesh8):
 
     def loss(p, x, y):
         out = model.apply({"params": p}, x, train=True)
-        return segmentation_loss(out, y, jax.random.key(3), CFG)[0]
+        return head_spec("mask2former").loss(out, y, jax.random.key(3), CFG)[0]
 
     step = jax.jit(jax.value_and_grad(loss))
     single = step(params, images, labels)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from train_helpers import (
     write_config_file,
 )
 
-from recyclelora_jax import runner
+from recyclelora_jax import heads, runner
 from recyclelora_jax.config import base_config
 from recyclelora_jax.data import pipeline
 from recyclelora_jax.evaluate.suite import PredictionSaver, evaluate_suite
@@ -177,13 +178,13 @@ def test_adapters_only_restore_and_merged_export_predict_the_same(reference_run,
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(data, tmp_path, monkeypatch):
-    real = trainer.segmentation_loss
+    real = heads.HEADS["linear"]
 
     def poisoned(outputs, labels, rng, cfg):
-        loss, terms = real(outputs, labels, rng, cfg)
+        loss, terms = real.loss(outputs, labels, rng, cfg)
         return loss * jnp.nan, terms
 
-    monkeypatch.setattr(trainer, "segmentation_loss", poisoned)
+    monkeypatch.setitem(heads.HEADS, "linear", dataclasses.replace(real, loss=poisoned))
     cfg = tiny_config(data)
     with pytest.raises(trainer.NonFiniteLossError, match="loss is nan at step 1"):
         train(cfg, tmp_path)
@@ -308,15 +309,15 @@ def test_non_finite_loss_after_step_1_keeps_the_good_state(reference_run, tmp_pa
     (trainable and optimizer) is bit-identical to the uninterrupted run's step 2: the NaN never
     reached the parameters or the Adam moments."""
     cfg, ref_dir = reference_run
-    real = trainer.segmentation_loss
+    real = heads.HEADS["linear"]
     third = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 2))
 
     def poisoned(outputs, labels, rng, loss_cfg):
-        loss, terms = real(outputs, labels, rng, loss_cfg)
+        loss, terms = real.loss(outputs, labels, rng, loss_cfg)
         bad = jnp.all(jax.random.key_data(rng) == third)
         return jnp.where(bad, jnp.nan, loss), terms
 
-    monkeypatch.setattr(trainer, "segmentation_loss", poisoned)
+    monkeypatch.setitem(heads.HEADS, "linear", dataclasses.replace(real, loss=poisoned))
     cfg = copy.deepcopy(cfg)
     cfg.train.checkpoint_every = 10**6
     with pytest.raises(trainer.NonFiniteLossError, match="loss is nan at step 3"):

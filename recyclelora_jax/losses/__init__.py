@@ -1,10 +1,10 @@
-"""Segmentation losses: Mask2Former set loss (Hungarian matching) and per-pixel cross-entropy."""
+"""Segmentation losses: Mask2Former set loss (Hungarian matching) and per-pixel cross-entropy;
+which head trains with which is ``heads.HEADS``."""
 
 from recyclelora_jax.losses.mask2former_loss import (
     LossConfig,
     mask2former_loss,
     pixel_cross_entropy,
-    segmentation_loss,
     set_loss_terms,
 )
 from recyclelora_jax.losses.matching import hungarian_match
@@ -14,6 +14,5 @@ __all__ = [
     "hungarian_match",
     "mask2former_loss",
     "pixel_cross_entropy",
-    "segmentation_loss",
     "set_loss_terms",
 ]

@@ -47,6 +47,11 @@ class LossConfig:
         return int(self.num_points * self.oversample_ratio)
 
 
+def check_labels(labels: jax.Array) -> None:
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be (B, H, W), got shape {labels.shape}")
+
+
 def present_classes(labels: jax.Array, num_classes: int) -> jax.Array:
     """(B, H, W) int labels -> (B, K) bool: which classes occur (ignore/other ids excluded)."""
     lab = jnp.clip(labels.reshape(labels.shape[0], -1).astype(jnp.int32), 0, num_classes)
@@ -193,12 +198,14 @@ def sample_loss_points(key: jax.Array, batch: int, cfg: LossConfig) -> tuple[jax
 def mask2former_loss(
     outputs: dict[str, jax.Array], labels: jax.Array, rng: jax.Array, cfg: LossConfig = LossConfig()
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted loss summed over all prediction sets (aux sets then the final one).
+    """Mask2Former's loss: weighted terms summed over all prediction sets (aux sets, then the
+    final one). Returns (scalar, named weighted terms).
 
     Costs and terms run one set after another (``lax.map``: only one set's sampled points are
     alive); the matchings of all sets and images are one vmapped Hungarian solve, so its
     sequential loop runs once, not once per set.
     """
+    check_labels(labels)
     # float32 statistics from 16-bit outputs: class logits here, mask logits where sampled.
     logits = jnp.concatenate([outputs["aux_logits"], outputs["pred_logits"][None]])
     logits = logits.astype(jnp.float32)
@@ -231,6 +238,7 @@ def pixel_cross_entropy(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-pixel CE of (B, h, w, K) logits resized to the (B, H, W) labels; mean over valid
     pixels (0 when there are none)."""
+    check_labels(labels)
     logits = resize_bilinear(logits, labels.shape[1:3])
     valid = labels != ignore_index
     safe = jnp.where(valid, labels, 0).astype(jnp.int32)
@@ -238,17 +246,3 @@ def pixel_cross_entropy(
     ce = -jnp.take_along_axis(logp, safe[..., None], -1)[..., 0]
     loss = jnp.where(valid, ce, 0.0).sum() / jnp.maximum(valid.sum(), 1)
     return loss, {"ce": loss}
-
-
-def segmentation_loss(
-    outputs: dict[str, jax.Array], labels: jax.Array, rng: jax.Array, cfg: LossConfig = LossConfig()
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Loss of either head's outputs: Mask2Former's set loss (``pred_masks``) or the linear
-    head's pixel cross-entropy (``logits``). Returns (scalar, named weighted terms)."""
-    if labels.ndim != 3:
-        raise ValueError(f"labels must be (B, H, W), got shape {labels.shape}")
-    if "pred_masks" in outputs:
-        return mask2former_loss(outputs, labels, rng, cfg)
-    if "logits" in outputs:
-        return pixel_cross_entropy(outputs["logits"], labels, cfg.ignore_index)
-    raise ValueError(f"unknown head outputs {sorted(outputs)}: need 'pred_masks' or 'logits'")

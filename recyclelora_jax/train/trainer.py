@@ -29,11 +29,11 @@ import ml_collections
 import optax
 from tqdm import tqdm
 
-from recyclelora_jax import build, recipe
+from recyclelora_jax import build, heads, recipe
 from recyclelora_jax.data.pipeline import Source, make_train_loader
 from recyclelora_jax.data.synthetic import prepare_synthetic_once
 from recyclelora_jax.evaluate.suite import check_eval
-from recyclelora_jax.losses import LossConfig, segmentation_loss
+from recyclelora_jax.losses import LossConfig
 from recyclelora_jax.models.dinov2 import DinoV2
 from recyclelora_jax.models.segmentor import Segmentor
 from recyclelora_jax.train import optim
@@ -200,16 +200,22 @@ def loss_config(cfg: ml_collections.ConfigDict) -> LossConfig:
     return LossConfig(num_classes=h.num_classes, sampling=sampling, **h.get("loss", {}))
 
 
+def head_loss(cfg: ml_collections.ConfigDict) -> Callable:
+    """The config's head's own loss (``heads.HEADS``) with the config's loss settings:
+    ``(outputs, labels, rng) -> (loss, terms)``."""
+    loss, loss_cfg = heads.head_spec(cfg.model.head.name).loss, loss_config(cfg)
+    return lambda outputs, labels, rng: loss(outputs, labels, rng, loss_cfg)
+
+
 def make_loss_fn(setup: Setup) -> Callable:
     """The step's loss ``(trainable, frozen, images, labels, rng) -> (loss, terms)`` on the
     merged tree; the step differentiates its first argument (tests take its gradients to drive
     reference optimizers; the rng of step ``t`` is ``fold_in(key(cfg.seed), t)``)."""
-    model, loss_cfg = setup.model, loss_config(setup.cfg)
+    model, loss = setup.model, head_loss(setup.cfg)
 
     def loss_fn(trainable, frozen, images, labels, rng):
         params = recipe.merge_trees(trainable, frozen)
-        outputs = model.apply({"params": params}, images, train=True)
-        return segmentation_loss(outputs, labels, rng, loss_cfg)
+        return loss(model.apply({"params": params}, images, train=True), labels, rng)
 
     return loss_fn
 
