@@ -40,9 +40,8 @@ def restore_run(
         cfg = ml_collections.ConfigDict(meta["config"])
         backbone, base = build.load_backbone_weights(cfg, cfg.seed)
         model, params = build.init_params(cfg, backbone, base, Path(workdir))
-        plan = recipe.from_config(cfg, backbone.arch)
-        labels = recipe.label_params(params, plan.labels, plan.groups)
-        trainable, frozen = recipe.split_trainable(params, labels)
+        part = recipe.partition(cfg, backbone.arch, params)
+        trainable, frozen = part.trainable, part.frozen
         where = ckpt.directory / str(step if step is not None else ckpt.latest_step())
         base_file = cfg.model.backbone.weights
         check_base(meta, fingerprint(frozen), base_file, where, allow=allow_other_base)

@@ -110,6 +110,32 @@ def from_config(cfg: ml_collections.ConfigDict, arch: DinoV2Arch) -> Recipe:
     return Recipe(rules, labels, param_groups(cfg.groups))
 
 
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """A full parameter tree cut by its config's recipe: the recipe, a group label per leaf,
+    and the trainable and frozen subtrees (the leaves may be arrays or shapes)."""
+
+    plan: Recipe
+    labels: Params
+    trainable: Params
+    frozen: Params
+
+    @property
+    def trainable_labels(self) -> Params:
+        """The labels of the trainable leaves: what the optimizer partitions."""
+        return split_trainable(self.labels, self.labels)[0]
+
+
+def partition(cfg: ml_collections.ConfigDict, arch: DinoV2Arch, params: Params) -> Partition:
+    """``params`` ``{"backbone", "head"}`` of ``cfg``'s model on ``arch``, labelled by its recipe
+    and split into what trains and what stays frozen: what the trainer builds its optimizer
+    from and what a restore puts the checkpoint's ``trainable`` item over."""
+    plan = from_config(cfg, arch)
+    labels = label_params(params, plan.labels, plan.groups)
+    trainable, frozen = split_trainable(params, labels)
+    return Partition(plan, labels, trainable, frozen)
+
+
 # ------------------------------------------------------------- labels on parameter trees
 
 

@@ -404,14 +404,11 @@ def _train_groups(method, base_and_head):
     """What train.py builds for ``method``: config → recipe → adapters → labels → optimizer."""
     base, head = base_and_head
     cfg = smoke(apply_method(base_config(), method))
-    plan = recipe.from_config(cfg, TINY)
-    adapted, _ = attach(base, TINY, plan.attach, seed=0, progress=False)
+    adapted, _ = attach(base, TINY, recipe.from_config(cfg, TINY).attach, seed=0, progress=False)
     params = {"backbone": adapted, "head": head}
-    labels = label_params(params, plan.labels, plan.groups)
-    trainable, _ = split_trainable(params, labels)
-    trainable_labels, _ = split_trainable(labels, labels)
-    tx = make_optimizer(optim_config(cfg), plan.groups, trainable_labels)
-    return cfg, params, trainable, tx
+    part = recipe.partition(cfg, TINY, params)
+    tx = make_optimizer(optim_config(cfg), part.plan.groups, part.trainable_labels)
+    return cfg, params, part.trainable, tx
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_ADAPTERS))

@@ -123,11 +123,10 @@ def abstract_train_state(
     """``(setup, state, frozen, batch)``: the step's arguments as ``jax.ShapeDtypeStruct``s
     carrying their shardings on ``mesh``, for ``backbone`` (default: the config's architecture).
     Loads no weights, runs no adapter init: everything is traced abstractly."""
-    model, params, plan = build.segmentor_shapes(cfg, backbone)
-    labels = recipe.label_params(params, plan.labels, plan.groups)
-    trainable, frozen = recipe.split_trainable(params, labels)
-    trainable_labels, _ = recipe.split_trainable(labels, labels)
-    tx = optim.make_optimizer(optim.optim_config(cfg), plan.groups, trainable_labels)
+    model, params, _ = build.segmentor_shapes(cfg, backbone)
+    part = recipe.partition(cfg, model.backbone.arch, params)
+    trainable, frozen = part.trainable, part.frozen
+    tx = optim.make_optimizer(optim.optim_config(cfg), part.plan.groups, part.trainable_labels)
     state = {
         "trainable": trainable,
         "opt": jax.eval_shape(tx.init, trainable),
@@ -143,7 +142,7 @@ def abstract_train_state(
     shard = lambda tree, sh: jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh
     )
-    setup = Setup(cfg, model, labels, tx, mesh)
+    setup = Setup(cfg, model, part.labels, tx, mesh)
     sh_state, sh_frozen, sh_batch = _shardings(setup, state, frozen)
     return setup, shard(state, sh_state), shard(frozen, sh_frozen), shard(batch, sh_batch)
 
