@@ -10,6 +10,6 @@ def get_config(arg=None):
     c = base_config()
     c.name = "c2bm"
     c.adapters = recyclelora_adapters(sub=2)
-    c.data.sources = (("dg_cityscapes", "train", 0),)
-    c.eval.datasets = ("dg_bdd100k", "dg_mapillary")
+    c.data.sources = (dict(builder="dg_cityscapes", split="train"),)
+    c.eval.datasets = (dict(builder="dg_bdd100k"), dict(builder="dg_mapillary"))
     return apply_common_args(c, parse_arg(arg))

@@ -49,18 +49,26 @@ def get_config(arg=None):
     c.adapters = recyclelora_adapters(main=8, sub=2)
     c.optim.update(lr=1e-3)
     c.train.update(steps=200, batch_size=8, log_every=10, checkpoint_every=100, eval_every=200)
+    gtav = dict(builder="dg_gtav", data_dir=f"{tfds_dir}/gtav")
     c.data.update(
         data_dir=tfds_dir,
-        sources=(("dg_gtav", f"train[:{num_train}]", 0, f"{tfds_dir}/gtav"),),
+        sources=(dict(gtav, split=f"train[:{num_train}]"),),
         crop_size=128,
         pad_raw=False,  # as when its numbers (README) were measured
         workers=0,
     )
+    city = lambda style: dict(
+        name=style,
+        builder="dg_cityscapes",
+        split="validation",
+        data_dir=f"{tfds_dir}/cityscapes_{style}",
+        profile="native",
+    )
     c.eval.update(
         datasets=(
-            ("synthetic", "dg_gtav", f"train[{num_train}:]", f"{tfds_dir}/gtav", "native"),
-            ("photo", "dg_cityscapes", "validation", f"{tfds_dir}/cityscapes_photo", "native"),
-            ("dusk", "dg_cityscapes", "validation", f"{tfds_dir}/cityscapes_dusk", "native"),
+            dict(gtav, name="synthetic", split=f"train[{num_train}:]", profile="native"),
+            city("photo"),
+            city("dusk"),
         ),
         mode="slide",
         crop_size=128,

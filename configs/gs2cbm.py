@@ -11,5 +11,8 @@ def get_config(arg=None):
     c = base_config()
     c.data.pad_raw = False  # the multi-source pipelines have no Pad step
     c.name = "gs2cbm"
-    c.data.sources = (("dg_gtav", "train", 12_403), ("dg_synthia", "train", 0))
+    c.data.sources = (
+        dict(builder="dg_gtav", split="train", subset=12_403),
+        dict(builder="dg_synthia", split="train"),
+    )
     return apply_common_args(c, parse_arg(arg))

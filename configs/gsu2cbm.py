@@ -12,8 +12,8 @@ def get_config(arg=None):
     c.data.pad_raw = False  # the multi-source pipelines have no Pad step
     c.name = "gsu2cbm"
     c.data.sources = (
-        ("dg_gtav", "train", 12_403),
-        ("dg_synthia", "train", 0),
-        ("dg_urbansyn", "train", 0),
+        dict(builder="dg_gtav", split="train", subset=12_403),
+        dict(builder="dg_synthia", split="train"),
+        dict(builder="dg_urbansyn", split="train"),
     )
     return apply_common_args(c, parse_arg(arg))

@@ -93,9 +93,10 @@ def step_time(rows: list[dict]) -> float:
 def target_names(cfg, datasets: Sequence[str]) -> list[str]:
     """The evaluated datasets that are not a training source's held-out images: a dataset read by
     a builder training also reads is the source domain (the demo's "synthetic")."""
+    from recyclelora_jax.config import data_sources
     from recyclelora_jax.evaluate.suite import eval_sets
 
-    source_builders = {entry[0] for entry in cfg.data.sources}
+    source_builders = {s["builder"] for s in data_sources(cfg)}
     builder = {s.name: s.builder for s in eval_sets(cfg)}
     return [d for d in datasets if builder.get(d) not in source_builders]
 

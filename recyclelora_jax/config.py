@@ -8,7 +8,9 @@ number of RECIPE.md §3-§6 lives here once; baselines and ablations change only
 from __future__ import annotations
 
 import ast
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, TypedDict
 
 import ml_collections
 
@@ -36,6 +38,75 @@ HEAD_PARAMS = (
 # Adapter leaves and the biases of adapted layers are labelled from the adapters actually
 # attached (``adapters[i].groups`` / ``.bias``), before these rules; the rest of the backbone:
 FROZEN_BACKBONE = ((r"^backbone/", FROZEN),)
+
+
+class SourceEntry(TypedDict):
+    """A training source: TFDS builder, split (slices allowed), size of its random subset
+    (0 = all), own data dir ("" = ``data.data_dir``)."""
+
+    builder: str
+    split: str
+    subset: int
+    data_dir: str
+
+
+class EvalEntry(TypedDict):
+    """An evaluation set: display name ("" = the builder's without ``dg_``), TFDS builder,
+    split ("" = ``eval.split``), data dir ("" = ``data.data_dir``), resize profile ("" = the
+    builder's)."""
+
+    name: str
+    builder: str
+    split: str
+    data_dir: str
+    profile: str
+
+
+SOURCE_DEFAULTS = SourceEntry(builder="", split="train", subset=0, data_dir="")
+EVAL_DEFAULTS = EvalEntry(name="", builder="", split="", data_dir="", profile="")
+
+
+def _entries(value: Any, key: str, defaults: Mapping[str, Any]) -> list[dict]:
+    """``value``'s entries (dicts of named fields, in order) with every field filled in. The
+    positional tuples of configs and checkpoints written before (fields in ``defaults``' order;
+    a bare string is the builder) still load, with a FutureWarning spelling out the new form."""
+    old = [i for i, e in enumerate(value) if not hasattr(e, "keys")]
+    value = [
+        dict(e)
+        if hasattr(e, "keys")
+        else {"builder": e}
+        if isinstance(e, str)
+        else dict(zip(defaults, e, strict=False))
+        for e in value
+    ]
+    if old:
+        warnings.warn(
+            f"{key}{old} as positional tuples is deprecated; write {key} = {tuple(value)!r}",
+            FutureWarning,
+            stacklevel=3,
+        )
+    out = []
+    for i, entry in enumerate(value):
+        unknown = sorted(set(entry) - set(defaults))
+        if unknown or not entry.get("builder"):
+            raise ValueError(
+                f"{key}[{i}]: unknown fields {unknown} or no builder; fields: {', '.join(defaults)}"
+            )
+        out.append({**defaults, **entry})
+    return out
+
+
+def data_sources(cfg: ml_collections.ConfigDict) -> list[SourceEntry]:
+    """``data.sources``, in the order they are concatenated."""
+    return _entries(cfg.data.sources, "data.sources", SOURCE_DEFAULTS)
+
+
+def eval_datasets(cfg: ml_collections.ConfigDict) -> list[EvalEntry]:
+    """``eval.datasets``, each with its display name."""
+    sets = _entries(cfg.eval.datasets, "eval.datasets", EVAL_DEFAULTS)
+    for e in sets:
+        e["name"] = e["name"] or e["builder"].removeprefix("dg_")
+    return sets
 
 
 def recyclelora_adapters(main: int = 32, sub: int = 4, alpha: float = 1.0) -> tuple[dict, ...]:
@@ -148,7 +219,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = dict(
         data_dir="data/tfds",
-        sources=(("dg_gtav", "train", 12_403),),  # (builder, split, random subset size or 0)
+        # SourceEntry dicts: builder, split, random subset size (0 = all), own data_dir
+        sources=(dict(builder="dg_gtav", split="train", subset=12_403),),
         crop_size=512,
         # g2cbm/c2bm pad each crop to 512 in raw pixel space before the flip and the
         # photometric distortion; the multi-source configs have no Pad step (False).
@@ -158,7 +230,12 @@ def base_config() -> ml_collections.ConfigDict:
     )
 
     c.eval = dict(
-        datasets=("dg_cityscapes", "dg_bdd100k", "dg_mapillary"),
+        # EvalEntry dicts: display name, builder, split, data_dir, resize profile
+        datasets=(
+            dict(builder="dg_cityscapes"),
+            dict(builder="dg_bdd100k"),
+            dict(builder="dg_mapillary"),
+        ),
         split="validation",
         mode="slide",
         crop_size=512,
@@ -277,7 +354,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     data = "runs/synthetic/tfds"
     c.data.update(
         data_dir=data,
-        sources=(("dg_gtav", "train", 0, f"{data}/gtav"),),
+        sources=(dict(builder="dg_gtav", split="train", data_dir=f"{data}/gtav"),),
         crop_size=64,
         workers=0,
         # Written and prepared by the first smoke run, as the demo does: runs from a fresh clone.
@@ -292,6 +369,12 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         ),
     )
     # Native size: the Cityscapes profile would blow the 96x48 scenes up to 2048x1024.
-    photo = ("photo", "dg_cityscapes", "validation", f"{data}/cityscapes_photo", "native")
+    photo = dict(
+        name="photo",
+        builder="dg_cityscapes",
+        split="validation",
+        data_dir=f"{data}/cityscapes_photo",
+        profile="native",
+    )
     c.eval.update(datasets=(photo,), mode="whole", crop_size=64, stride=43, max_images=4)
     return c

@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from train_helpers import REPO
 
+from recyclelora_jax.config import data_sources
 from recyclelora_jax.data import codecs, synthetic
 from recyclelora_jax.data.labels import IGNORE
 from recyclelora_jax.data.pipeline import Source, make_train_loader
@@ -79,7 +80,10 @@ def test_gsu2cbm_reads_gtav_synthia_and_urbansyn(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.get_config()
-    sources = [Source(b, s, str(tmp_path / "tfds"), n) for b, s, n in cfg.data.sources]
+    sources = [
+        Source(s["builder"], s["split"], str(tmp_path / "tfds"), s["subset"])
+        for s in data_sources(cfg)
+    ]
     assert [s.builder for s in sources] == ["dg_gtav", "dg_synthia", "dg_urbansyn"]
     # One batch of all 12 records: 4 from each source.
     loader = make_train_loader(sources, batch_size=12, crop_size=(32, 32), seed=0)

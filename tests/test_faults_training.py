@@ -39,7 +39,8 @@ def _steps(workdir) -> list[int]:
 def test_bad_values_are_all_named_before_any_work(data, tmp_path):
     cfg = tiny_config(data, checkpoint_every=0, grad_accum=3, log_every=-1)
     cfg.eval.mode = "slid"
-    cfg.eval.datasets = (("gone", "dg_cityscapes", "validation", str(tmp_path / "gone"), ""),)
+    gone = dict(name="gone", builder="dg_cityscapes", data_dir=str(tmp_path / "gone"))
+    cfg.eval.datasets = (gone,)
     with pytest.raises(ConfigError) as info:
         train(cfg, tmp_path / "run", evaluate_fn=lambda *a: {})
     lines = str(info.value).splitlines()[1:]

@@ -32,12 +32,13 @@ def tiny_config(data: dict, method: str = "recyclelora", **train) -> ml_collecti
     c.model.head = ml_collections.ConfigDict(dict(name="linear", num_classes=19))
     gtav = str(data["gtav"][1])
     photo = str(data["cityscapes_photo"][1])
-    c.data.update(sources=(("dg_gtav", "train[:16]", 0, gtav),), crop_size=32, workers=0)
+    gtav_data = dict(builder="dg_gtav", data_dir=gtav)
+    c.data.update(sources=(dict(gtav_data, split="train[:16]"),), crop_size=32, workers=0)
     c.data.synthetic = None  # the test datasets are given
     c.eval.update(
         datasets=(
-            ("synthetic", "dg_gtav", "train[16:]", gtav, "native"),
-            ("photo", "dg_cityscapes", "validation", photo, "native"),
+            dict(gtav_data, name="synthetic", split="train[16:]", profile="native"),
+            dict(name="photo", builder="dg_cityscapes", data_dir=photo, profile="native"),
         ),
         mode="whole",
         max_images=0,

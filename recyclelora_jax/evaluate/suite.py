@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
+from recyclelora_jax.config import eval_datasets
 from recyclelora_jax.data.evaluation import eval_batches, profile_for
 from recyclelora_jax.evaluate.driver import evaluate_dataset
 from recyclelora_jax.evaluate.metrics import summarize
@@ -39,21 +40,17 @@ class EvalSet:
 
 
 def eval_sets(cfg: ml_collections.ConfigDict) -> list[EvalSet]:
-    """``eval.datasets`` entries (builder names or tuples in EvalSet's field order)."""
-    sets = []
-    for entry in cfg.eval.datasets:
-        fields = (entry,) if isinstance(entry, str) else tuple(entry)
-        if len(fields) == 1:
-            fields = (fields[0].removeprefix("dg_"), fields[0])
-        s = EvalSet(*fields)
-        sets.append(
-            dataclasses.replace(
-                s,
-                split=s.split or cfg.eval.split,
-                data_dir=str(Path(s.data_dir or cfg.data.data_dir).expanduser()),
-            )
+    """``eval.datasets`` with the config's defaults filled in."""
+    return [
+        EvalSet(
+            e["name"],
+            e["builder"],
+            e["split"] or cfg.eval.split,
+            str(Path(e["data_dir"] or cfg.data.data_dir).expanduser()),
+            e["profile"],
         )
-    return sets
+        for e in eval_datasets(cfg)
+    ]
 
 
 MODES = ("slide", "whole")

@@ -30,6 +30,7 @@ import optax
 from tqdm import tqdm
 
 from recyclelora_jax import build, heads, recipe
+from recyclelora_jax.config import data_sources
 from recyclelora_jax.data.pipeline import Source, make_train_loader
 from recyclelora_jax.data.synthetic import prepare_synthetic_once
 from recyclelora_jax.evaluate.suite import check_eval
@@ -297,10 +298,9 @@ def train(
     if d.synthetic:  # the smoke config writes and builds its own small dataset first
         prepare_synthetic_once(**d.synthetic)
     sources = []
-    for entry in d.sources:  # (builder, split, random subset size or 0 = all[, own data_dir])
-        builder, split, subset, own_dir = (*entry, "")[:4]
-        data_dir = str(Path(own_dir or d.data_dir).expanduser())
-        sources.append(Source(builder, split, data_dir, subset))
+    for s in data_sources(cfg):  # builder, split, subset, own data dir ("" = data.data_dir)
+        data_dir = str(Path(s["data_dir"] or d.data_dir).expanduser())
+        sources.append(Source(s["builder"], s["split"], data_dir, s["subset"]))
     batches = iter(
         make_train_loader(
             sources,
