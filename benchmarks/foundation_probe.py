@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from recyclelora_jax.build import TINY
+from recyclelora_jax.classes import IGNORE
 from recyclelora_jax.data import synthetic
 from recyclelora_jax.data.transforms import normalize, scales_for, train_augment
 from recyclelora_jax.models.dinov2 import DinoV2
@@ -74,7 +75,7 @@ def probe(backbone: DinoV2, params: dict, data: dict, steps: int, batch: int) ->
     def step(head_params, opt_state, feats, label):
         def loss_fn(p):
             logits = resize_bilinear(head.apply({"params": p}, feats)["logits"], label.shape[1:3])
-            valid = label != 255
+            valid = label != IGNORE
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, label, 0))
             return (ce * valid).sum() / valid.sum()
 
@@ -96,7 +97,7 @@ def probe(backbone: DinoV2, params: dict, data: dict, steps: int, batch: int) ->
         pred = np.concatenate(
             [np.asarray(logits_fn(normalize(x[i : i + 25]))) for i in range(0, len(x), 25)]
         ).argmax(-1)
-        keep = y < 255
+        keep = y != IGNORE
         cm = np.bincount(y[keep] * 19 + pred[keep], minlength=361).reshape(19, 19)
         inter = np.diag(cm)
         union = cm.sum(0) + cm.sum(1) - inter

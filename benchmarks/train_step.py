@@ -35,13 +35,16 @@ from pathlib import Path
 
 from quiet import QUIET, check_load
 
+from recyclelora_jax.classes import IGNORE
+from recyclelora_jax.classes import NUM_CLASSES as CLASSES
+
 # size -> (width, depth, heads, out_indices): the recipe's ViT-L blocks, quarter ends for S/B.
 SIZES = {
     "s": (384, 12, 6, (2, 5, 8, 11)),
     "b": (768, 12, 12, (2, 5, 8, 11)),
     "l": (1024, 24, 16, (7, 11, 15, 23)),
 }
-PATCH, CLASSES, IGNORE = 16, 19, 255
+PATCH = 16
 RANKS = (("main", 32), ("sub", 4))
 LR, WD, WD_MIN, POWER, TOTAL_STEPS = 1e-4, 0.05, 1e-5, 0.9, 40_000
 LR_MULT = {"main": 1.0, "sub": 0.5, "head_no_decay": 1.0, "head": 1.0}

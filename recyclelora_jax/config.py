@@ -14,7 +14,8 @@ from typing import Any, TypedDict
 
 import ml_collections
 
-CITYSCAPES_CLASSES = 19
+from recyclelora_jax.classes import NUM_CLASSES
+
 FROZEN = "frozen"  # the group of parameters that never train
 # A Mask2Former small enough for CPU smoke runs and tests (the matcher needs queries >= 19).
 TINY_MASK2FORMER = dict(
@@ -167,7 +168,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.model.head = dict(
         name="mask2former",
-        num_classes=CITYSCAPES_CLASSES,
+        num_classes=NUM_CLASSES,
         num_queries=100,
         dim=256,
         encoder_layers=6,

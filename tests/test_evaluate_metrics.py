@@ -12,8 +12,8 @@ from cityscapesscripts.helpers.labels import trainId2label
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
+from recyclelora_jax.classes import CLASS_NAMES as CITYSCAPES_CLASSES
 from recyclelora_jax.evaluate.metrics import (
-    CITYSCAPES_CLASSES,
     confusion_matrix,
     format_table,
     iou_per_class,

@@ -5,10 +5,9 @@ import pytest
 from cityscapesscripts.helpers.labels import trainId2label
 from PIL import Image
 
+from recyclelora_jax.classes import MEAN_RGB, STD_RGB
+from recyclelora_jax.classes import PALETTE as CITYSCAPES_PALETTE
 from recyclelora_jax.evaluate.visualize import (
-    CITYSCAPES_PALETTE,
-    MEAN_RGB,
-    STD_RGB,
     colorize,
     save_comparison,
     to_uint8_image,

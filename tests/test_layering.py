@@ -15,6 +15,7 @@ RANK = {
     "data": 1,
     "pth": 1,
     "safetensors_file": 0,
+    "classes": 0,
     "model_io": 1,
     "train.sharding": 1,
     "train.checkpoint": 1,
@@ -104,3 +105,49 @@ def test_every_import_points_down_and_there_are_no_cycles():
 
     for m in sorted(graph):
         visit(m, [])
+
+
+def test_classes_ignore_palette_and_normalisation_have_one_owner():
+    """``classes.py`` alone spells out the class names, the ignore id, the palette and the
+    normalisation constants; any other module that writes one of them as a literal fails here."""
+    from recyclelora_jax import classes
+
+    owner = PACKAGE / "classes.py"
+    constants = {
+        "class names": set(classes.CLASS_NAMES),
+        "palette": set(classes.PALETTE),
+        "mean": set(classes.MEAN_RGB),
+        "std": set(classes.STD_RGB),
+    }
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == owner:
+            continue
+        where = path.relative_to(REPO)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List)) and len(node.elts) >= 3:
+                try:
+                    items = {tuple(x) if isinstance(x, list) else x for x in ast.literal_eval(node)}
+                except (ValueError, TypeError):
+                    continue
+                found += [
+                    f"{where}:{node.lineno} {what}" for what, v in constants.items() if v <= items
+                ]
+            pairs = []  # (bound name, value) of assignments, fields and argument defaults
+            if isinstance(node, ast.Assign):
+                pairs = [(t.id, node.value) for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                pairs = [(node.target.id, node.value)]
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                positional = (a.posonlyargs + a.args)[::-1]  # defaults belong to the last ones
+                pairs = [(x.arg, d) for x, d in zip(positional, a.defaults[::-1], strict=False)]
+                pairs += [(x.arg, d) for x, d in zip(a.kwonlyargs, a.kw_defaults, strict=True)]
+            found += [
+                f"{where}:{node.lineno} ignore value {name}"
+                for name, value in pairs
+                if "ignore" in name.lower()
+                and isinstance(value, ast.Constant)
+                and value.value == classes.IGNORE
+            ]
+    assert not found, found

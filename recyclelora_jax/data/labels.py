@@ -13,14 +13,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-IGNORE = 255
-
-CLASS_NAMES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-    "motorcycle", "bicycle",
-)  # fmt: skip
-NUM_CLASSES = len(CLASS_NAMES)
+from recyclelora_jax.classes import CLASS_NAMES, IGNORE, NUM_CLASSES
 
 
 @dataclasses.dataclass(frozen=True)

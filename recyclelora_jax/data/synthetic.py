@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from recyclelora_jax.data.labels import CITYSCAPES_ID_TO_TRAIN, CLASS_NAMES, IGNORE
+from recyclelora_jax.classes import CLASS_NAMES, IGNORE, PALETTE
+from recyclelora_jax.data.labels import CITYSCAPES_ID_TO_TRAIN
 
 C = {name: i for i, name in enumerate(CLASS_NAMES)}
 STYLES = ("synthetic", "photo", "dusk")
@@ -27,13 +28,8 @@ TRAIN_TO_ID = np.zeros(256, np.uint8)  # ignore → 0 ("unlabeled")
 for _raw, _train in CITYSCAPES_ID_TO_TRAIN.items():
     TRAIN_TO_ID[_train] = _raw
 
-# Flat "game" palette of the synthetic style, one colour per train id.
-FLAT = np.array(
-    [[128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153],
-     [153, 153, 153], [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152],
-     [70, 130, 180], [220, 20, 60], [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100],
-     [0, 80, 100], [0, 0, 230], [119, 11, 32]], np.float32,
-)  # fmt: skip
+# Flat "game" palette of the synthetic style, one colour per train id: the label palette.
+FLAT = np.array(PALETTE, np.float32)
 # Base colours of the game style: its own palette (neither the label palette nor the targets').
 GAME = np.array(
     [[70, 68, 75], [180, 170, 140], [0, 0, 0], [200, 190, 170], [140, 100, 60],

@@ -10,10 +10,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from recyclelora_jax.data.labels import IGNORE
+from recyclelora_jax.classes import IGNORE, MEAN_RGB, STD_RGB
 
-MEAN = np.array([123.675, 116.28, 103.53], np.float32)  # RGB
-STD = np.array([58.395, 57.12, 57.375], np.float32)
+MEAN = np.array(MEAN_RGB, np.float32)
+STD = np.array(STD_RGB, np.float32)
 
 
 def scales_for(crop: int) -> tuple[int, ...]:

@@ -10,20 +10,15 @@ from recyclelora_jax.evaluate.inference import (
     window_counts,
 )
 from recyclelora_jax.evaluate.metrics import (
-    CITYSCAPES_CLASSES,
-    IGNORE_INDEX,
     confusion_matrix,
     format_table,
     iou_per_class,
     mean_iou,
     summarize,
 )
-from recyclelora_jax.evaluate.visualize import CITYSCAPES_PALETTE, colorize, save_comparison
+from recyclelora_jax.evaluate.visualize import colorize, save_comparison
 
 __all__ = [
-    "CITYSCAPES_CLASSES",
-    "CITYSCAPES_PALETTE",
-    "IGNORE_INDEX",
     "colorize",
     "confusion_matrix",
     "evaluate_dataset",

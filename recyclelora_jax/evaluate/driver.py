@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from recyclelora_jax.classes import NUM_CLASSES
 from recyclelora_jax.evaluate.inference import PredictFn, logits_to_labels, predict_logits
 from recyclelora_jax.evaluate.metrics import confusion_matrix
 
@@ -39,7 +40,7 @@ def _label_groups(
 def evaluate_dataset(
     predict_fn: PredictFn,
     batches: Iterable[Mapping[str, Any]],
-    num_classes: int = 19,
+    num_classes: int = NUM_CLASSES,
     mode: str = "slide",
     crop: int | Sequence[int] = 512,
     stride: int | Sequence[int] = 341,

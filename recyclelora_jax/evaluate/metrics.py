@@ -18,34 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_INDEX = 255
-
-# The 19 Cityscapes train ids, in train-id order.
-CITYSCAPES_CLASSES: tuple[str, ...] = (
-    "road",
-    "sidewalk",
-    "building",
-    "wall",
-    "fence",
-    "pole",
-    "traffic light",
-    "traffic sign",
-    "vegetation",
-    "terrain",
-    "sky",
-    "person",
-    "rider",
-    "car",
-    "truck",
-    "bus",
-    "train",
-    "motorcycle",
-    "bicycle",
-)
+from recyclelora_jax.classes import CLASS_NAMES, NUM_CLASSES
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes",))
-def confusion_matrix(labels: jax.Array, preds: jax.Array, num_classes: int = 19) -> jax.Array:
+def confusion_matrix(
+    labels: jax.Array, preds: jax.Array, num_classes: int = NUM_CLASSES
+) -> jax.Array:
     """(num_classes, num_classes) int32 counts, rows = ground truth, columns = prediction.
 
     Pixels whose label is negative or >= num_classes (255 = ignore) are not counted, nor are
@@ -89,7 +68,7 @@ def mean_iou(conf: np.ndarray) -> float:
 
 
 def summarize(
-    confusions: Mapping[str, np.ndarray], class_names: Sequence[str] = CITYSCAPES_CLASSES
+    confusions: Mapping[str, np.ndarray], class_names: Sequence[str] = CLASS_NAMES
 ) -> dict:
     """JSON-ready results: {"miou": {ds: v}, "iou": {ds: {class: v}}, "mean_miou": v}.
 

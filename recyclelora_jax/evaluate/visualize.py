@@ -8,38 +8,12 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-# Cityscapes colours of the 19 train ids (cityscapesscripts' `labels.py`), in train-id order.
-CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
-    (128, 64, 128),
-    (244, 35, 232),
-    (70, 70, 70),
-    (102, 102, 156),
-    (190, 153, 153),
-    (153, 153, 153),
-    (250, 170, 30),
-    (220, 220, 0),
-    (107, 142, 35),
-    (152, 251, 152),
-    (70, 130, 180),
-    (220, 20, 60),
-    (255, 0, 0),
-    (0, 0, 142),
-    (0, 0, 70),
-    (0, 60, 100),
-    (0, 80, 100),
-    (0, 0, 230),
-    (119, 11, 32),
-)
-# The pipeline's normalisation (RECIPE.md §6, RGB, 0-255 scale), undone to show an input image.
-MEAN_RGB = (123.675, 116.28, 103.53)
-STD_RGB = (58.395, 57.12, 57.375)
+from recyclelora_jax.classes import MEAN_RGB, PALETTE, STD_RGB
 
 Triplet = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def colorize(
-    train_ids: np.ndarray, palette: Sequence[Sequence[int]] = CITYSCAPES_PALETTE
-) -> np.ndarray:
+def colorize(train_ids: np.ndarray, palette: Sequence[Sequence[int]] = PALETTE) -> np.ndarray:
     """(H, W) integer ids -> (H, W, 3) uint8 colours; ignore (255) and unknown ids are black."""
     ids = np.asarray(train_ids)
     if ids.ndim != 2:

@@ -13,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from recyclelora_jax.classes import IGNORE, NUM_CLASSES
 from recyclelora_jax.losses.matching import hungarian_match
 from recyclelora_jax.models.resize import resize_bilinear
 from recyclelora_jax.models.sampling import (
@@ -27,8 +28,8 @@ from recyclelora_jax.models.sampling import (
 class LossConfig:
     """Weights and point sampling of the reference recipe (mmdet ``Mask2FormerHead``)."""
 
-    num_classes: int = 19
-    ignore_index: int = 255
+    num_classes: int = NUM_CLASSES
+    ignore_index: int = IGNORE
     class_weight: float = 2.0
     mask_weight: float = 5.0
     dice_weight: float = 5.0
@@ -234,7 +235,7 @@ def mask2former_loss(
 
 
 def pixel_cross_entropy(
-    logits: jax.Array, labels: jax.Array, ignore_index: int = 255
+    logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-pixel CE of (B, h, w, K) logits resized to the (B, H, W) labels; mean over valid
     pixels (0 when there are none)."""
