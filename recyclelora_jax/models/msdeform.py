@@ -47,13 +47,17 @@ def _gather_level(level, x, y, weights, h, w):
 
 @functools.partial(jax.checkpoint, static_argnums=(4, 5))
 def _matmul_level(level, x, y, weights, h, w):
-    """As ``_gather_level``, through the dense (B, heads, Q, h*w) sampling matrix, which is
-    recomputed in the backward rather than stored (it is h*w / (4*points) times larger than
-    the gathered block)."""
+    """As ``_gather_level``, through the dense (B, heads, Q, h*w) sampling matrix: the sum over
+    points of the outer products of the y and x interpolation weights, in the values' dtype
+    (what the MXU reads). Written as a broadcast product and a sum, not as an einsum over
+    the 4 points (a contraction of 4 on the MXU), the TPU compiler fuses the matrix into the
+    matmul that reads it and never writes it to HBM (4x fewer bytes per encoder layer; see
+    docs/BENCHMARKS.md). Recomputed in the backward rather than stored."""
     b, heads, q, _ = x.shape
-    wy = axis_weights(y, h) * weights[..., None]  # (B, heads, Q, P, h)
-    a = jnp.einsum("bnqpy,bnqpx->bnqyx", wy, axis_weights(x, w)).reshape(b, heads, q, h * w)
-    return jnp.einsum("bnqs,bnsd->bnqd", a.astype(level.dtype), level)
+    wy = (axis_weights(y, h) * weights[..., None]).astype(level.dtype)  # (B, heads, Q, P, h)
+    wx = axis_weights(x, w).astype(level.dtype)  # (B, heads, Q, P, w)
+    a = (wy[..., :, None] * wx[..., None, :]).sum(3).reshape(b, heads, q, h * w)
+    return jnp.einsum("bnqs,bnsd->bnqd", a, level)
 
 
 _LEVEL_SAMPLERS = {"gather": _gather_level, "matmul": _matmul_level}
