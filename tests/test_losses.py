@@ -38,6 +38,38 @@ def test_matching_equals_scipy(k):
         assert len(set(got[b].tolist())) == k  # padded columns take distinct left-over rows
 
 
+def _degenerate_costs(rng, q: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ties, NaN/inf entries (a whole query and a whole target among them), padded columns."""
+    ties = rng.integers(0, 3, (q, k)).astype(np.float32)
+    const = np.ones((q, k), np.float32)
+    bad = rng.normal(size=(q, k)).astype(np.float32)
+    bad[rng.random((q, k)) < 0.2] = np.nan
+    bad[0] = np.inf
+    bad[:, 1] = np.nan
+    bad[2, 2] = -np.inf
+    padded = rng.integers(0, 4, (q, k)).astype(np.float32)
+    valid = np.ones((4, k), bool)
+    valid[3, 1::2] = False
+    return np.stack([ties, const, bad, padded]), valid
+
+
+@pytest.mark.parametrize("q, k", [(12, 7), (8, 8)])
+def test_matching_optimal_on_degenerate_costs(q, k):
+    """Same total cost as scipy (NaN/inf read as +-1e8, scipy's own choice among ties may
+    differ) and every target on its own query."""
+    rng = np.random.default_rng(q)
+    cases = [_degenerate_costs(rng, q, k) for _ in range(4)]
+    cost, valid = (np.concatenate(x) for x in zip(*cases, strict=True))
+    got = np.asarray(jax.jit(jax.vmap(hungarian_match))(jnp.asarray(cost), jnp.asarray(valid)))
+    for c, v, match in zip(cost, valid, got, strict=True):
+        assert sorted(set(match.tolist())) == sorted(match.tolist()) and match.min() >= 0
+        assert match.max() < q
+        real = np.nan_to_num(c[:, v].astype(np.float64), nan=1e8, posinf=1e8, neginf=-1e8)
+        rows, cols = linear_sum_assignment(real)
+        want = real[rows, cols].sum()
+        np.testing.assert_allclose(real[match[v], np.arange(v.sum())].sum(), want, rtol=1e-6)
+
+
 def _labels(rng, b=2, h=24, w=20):
     """Random blocky labels with ignore pixels; image 1 has a single class."""
     lab = rng.integers(0, K, size=(b, h // 4, w // 4)).repeat(4, 1).repeat(4, 2)
