@@ -43,17 +43,24 @@ def main(argv: list[str]) -> None:
     workdir = Path(_WORKDIR.value or f"runs/{cfg.name}")
     try:
         if "demo" in cfg:  # the demo config: its data, its stand-in backbone, several runs
-            from recyclelora_jax import demo
+            from recyclelora_jax import compare, demo
 
-            results = demo.run_demo(cfg, workdir)
+            results = demo.run_demo(
+                cfg,
+                config_flags.get_config_filename(flags.FLAGS["config"]),
+                config_flags.get_override_values(flags.FLAGS["config"]),
+                workdir,
+            )
+            final = compare.mean_miou(results)
         else:
             results = train(cfg, workdir, runner.make_evaluator(cfg) if cfg.eval.datasets else None)
+            final = results.get("miou", {})
     except Preempted as err:  # not a finished run: say so, and exit like a terminated process
         logging.error("interrupted: %s", err)
         sys.exit(128 + signal.SIGTERM)
     except ConfigError as err:
         raise app.UsageError(str(err)) from None
-    logging.info("final: %s", json.dumps(results.get("miou", {})))
+    logging.info("final: %s", json.dumps(final))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
@@ -66,21 +68,20 @@ def foundation_weights(cfg: ml_collections.ConfigDict, workdir: Path) -> Path:
     return file
 
 
-def run_demo(cfg: ml_collections.ConfigDict, workdir: Path) -> dict:
+def run_demo(
+    cfg: ml_collections.ConfigDict, config: str, overrides: Mapping[str, Any], workdir: Path
+) -> dict:
     """Prepare the data and the foundation model, then run the comparison of ``demo.methods``
-    over ``demo.seeds`` on the config file and ``--config.x=`` overrides ``train.py`` was given
-    (each run's config is that file with ``method=``, ``seed=``); returns the comparison."""
-    from absl import flags
-    from ml_collections import config_flags
-
+    over ``demo.seeds``. ``config`` is the config file argument (``path[:args]``) and
+    ``overrides`` the ``{"a.b": value}`` overrides ``cfg`` was made from: each run's config is
+    that file with ``method=``, ``seed=`` and the overrides. Returns the comparison."""
     workdir = Path(workdir)
     compare.use_compile_cache(workdir)  # before the first compile: the pretraining's
     prepare_data(cfg.demo)
-    overrides = dict(config_flags.get_override_values(flags.FLAGS["config"]))
+    overrides = dict(overrides)
     if not cfg.model.backbone.weights:
         overrides["model.backbone.weights"] = str(foundation_weights(cfg, workdir))
     d = cfg.demo
-    config = config_flags.get_config_filename(flags.FLAGS["config"])
     results = compare.compare(config, overrides, d.methods, d.seeds, workdir, d.baseline)
     shown = compare.run_dir(workdir, d.methods[0], d.seeds[0]) / compare.PREDICTIONS
     shutil.copyfile(shown, workdir / compare.PREDICTIONS)

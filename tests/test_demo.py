@@ -44,6 +44,8 @@ def test_demo_runs_the_comparison_and_learns(tmp_path):
         assert entry["synthetic"]["runs"][0] > chance, f"{method}: the source is at chance"
         assert all(0.0 <= entry[d]["runs"][0] <= 100.0 for d in ("photo", "dusk"))
     assert comparison["recyclelora"]["target_mean"]["diff"]["baseline"] == "frozen"
+    final = json.loads(result.stderr.split("final: ")[-1].splitlines()[0])
+    assert final["frozen"]["dusk"] == comparison["frozen"]["dusk"]["mean"]
     assert "| recyclelora |" in (workdir / "comparison.md").read_text()
     assert (workdir / "foundation.safetensors").is_file()
     assert (workdir / "predictions.png").stat().st_size > 0
