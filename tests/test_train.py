@@ -141,6 +141,8 @@ def test_sigkill_then_restart_reproduces_the_uninterrupted_run(reference_run, tm
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "resumed from step" in restarted.stderr
     assert losses(workdir) == losses(ref_dir)
+    final = json.loads(restarted.stderr.split("final: ")[-1].splitlines()[0])
+    assert final == _evaluation_rows(workdir)[-1]["miou"] and set(final) == {"synthetic", "photo"}
     logged = [json.loads(r)["step"] for r in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert logged == sorted(logged), "rows of the killed run after its checkpoint were kept"
     got, want = _trained_adapters(workdir, cfg), _trained_adapters(ref_dir, cfg)
