@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
                 config_flags.get_override_values(flags.FLAGS["config"]),
                 workdir,
             )
-            final = compare.mean_miou(results)
+            final = compare.means_over_seeds(results)
         else:
             results = train(cfg, workdir, runner.make_evaluator(cfg) if cfg.eval.datasets else None)
             final = results.get("miou", {})

@@ -277,7 +277,7 @@ def datasets_of(results: dict[str, Any]) -> list[str]:
     return [k for k, v in first.items() if isinstance(v, dict) and "mean" in v]
 
 
-def mean_miou(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+def means_over_seeds(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """``{method: {dataset: mean over seeds}}``: the comparison in one line."""
     return {m: {d: r[d]["mean"] for d in datasets_of(results)} for m, r in results.items()}
 
