@@ -20,11 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from recyclelora_jax.build import TINY
 from recyclelora_jax.classes import IGNORE
 from recyclelora_jax.data import synthetic
 from recyclelora_jax.data.transforms import normalize, scales_for, train_augment
-from recyclelora_jax.models.dinov2 import DinoV2
+from recyclelora_jax.models.dinov2 import ARCHS, DinoV2
 from recyclelora_jax.models.linear_head import LinearHead
 from recyclelora_jax.models.resize import resize_bilinear
 from recyclelora_jax.pretrain import pretrain_contrastive
@@ -118,7 +117,7 @@ def main() -> None:
     for style in SEEDS:
         data[f"{style}_train"] = scenes(style, 0, 200)
         data[f"{style}_val"] = scenes(style, 200, 50)
-    backbone = DinoV2(TINY, out_indices=tuple(int(i) for i in args.out_indices.split(",")))
+    backbone = DinoV2(ARCHS["tiny"], out_indices=tuple(int(i) for i in args.out_indices.split(",")))
     start = time.perf_counter()
     if args.pretrain_steps:
         unlabelled = np.concatenate([data[f"{s}_train"][0] for s in SEEDS])

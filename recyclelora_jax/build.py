@@ -24,8 +24,6 @@ from recyclelora_jax.peft.params import attach, attach_shapes
 
 Params = dict[str, Any]
 
-# A small DINOv2-shaped ViT for smoke runs, tests and the demo (heads = width / 64, as DINOv2).
-TINY = DinoV2Arch(embed_dim=128, depth=4, num_heads=2, patch_size=8, pos_grid=8)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -36,10 +34,8 @@ def _dtype(name: str) -> Any:
 
 
 def arch_from_name(name: str) -> DinoV2Arch:
-    if name == "tiny":
-        return TINY
     if name not in ARCHS:
-        raise ValueError(f"model.backbone.arch={name!r} unknown; known: tiny, {sorted(ARCHS)}")
+        raise ValueError(f"model.backbone.arch={name!r} unknown; known: {sorted(ARCHS)}")
     return ARCHS[name]
 
 

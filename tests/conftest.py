@@ -1,5 +1,9 @@
 """Test-wide settings: 8 simulated CPU devices (set before JAX starts), exact float32 matmuls and
-one on-disk compilation cache for the whole session; fixtures shared by several test files."""
+one on-disk compilation cache for the whole session; fixtures shared by several test files.
+
+The tiny model is the package's: ``ARCHS["tiny"]`` and ``config.TINY_MASK2FORMER`` (the smoke
+config's and the demo's); a test that needs another shape derives it with ``dataclasses.replace``
+and says why."""
 
 import os
 import tempfile
@@ -17,8 +21,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax
+import numpy as np
 import pytest
 from train_helpers import make_data
+
+from recyclelora_jax.models.dinov2 import ARCHS, DinoV2
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -34,3 +41,13 @@ def data(tmp_path_factory) -> dict:
     """The training tests' synthetic datasets (``train_helpers.make_data``), written once; tests
     read them, never write into them."""
     return make_data(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone() -> tuple[dict, np.ndarray]:
+    """(params, images): the tiny backbone with random weights and LayerScale 1 (so that every
+    block matters), and two random 32-px images; tests read them, never write into them."""
+    images = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    model = DinoV2(ARCHS["tiny"], out_indices=(), layerscale_init=1.0)
+    params = jax.jit(model.init)(jax.random.key(0), images)["params"]  # jit: faster than eager
+    return params, images

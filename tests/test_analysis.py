@@ -7,13 +7,15 @@ import jax
 import numpy as np
 import pytest
 import scipy.linalg
-from _peft_fixtures import TINY, tiny_backbone
 from _torch_dinov2 import reference_model, save_hub
 
 from recyclelora_jax import analysis
 from recyclelora_jax.convert import load_dinov2
 from recyclelora_jax.model_io import save_tree
+from recyclelora_jax.models.dinov2 import ARCHS
 from recyclelora_jax.peft.params import AttachRule, attach
+
+TINY = ARCHS["tiny"]
 
 
 def _orthonormal(rng, n, k):
@@ -122,14 +124,14 @@ def test_principal_components_against_numpy_svd_and_the_covariance():
     assert rgb.shape == (10, 20, 3) and rgb.min() == 0.0 and rgb.max() == 1.0
 
 
-def test_feature_change_is_the_adapters_branch():
+def test_feature_change_is_the_adapters_branch(tiny_backbone):
     """Removing the main adapter equals the backbone whose kernels hold only the residual and
     the sub adapter (merged independently with peft.params.merge)."""
     from recyclelora_jax.models.adapters import AdapterSpec
     from recyclelora_jax.models.dinov2 import DinoV2
     from recyclelora_jax.peft.params import merge
 
-    backbone, images = tiny_backbone()
+    backbone, images = tiny_backbone
     rule = AttachRule(r"(qkv|proj|fc1|fc2)$", "recyclelora", (("main", 8), ("sub", 2)))
     params, layout = attach(backbone, TINY, [rule], progress=False)
     params = jax.tree.map(np.asarray, params)

@@ -10,7 +10,6 @@ import numpy as np
 import optax
 import pytest
 import torch
-from _peft_fixtures import OUT, TINY, tiny_backbone
 from flax import traverse_util
 
 from recyclelora_jax import build, recipe
@@ -21,7 +20,7 @@ from recyclelora_jax.config import (
     recyclelora_adapters,
     smoke,
 )
-from recyclelora_jax.models.dinov2 import DinoV2
+from recyclelora_jax.models.dinov2 import ARCHS, DinoV2
 from recyclelora_jax.peft.params import attach, attach_shapes
 from recyclelora_jax.recipe import ParamGroup, label_params, merge_trees, split_trainable
 from recyclelora_jax.train import trainer
@@ -38,6 +37,7 @@ from recyclelora_jax.train.optim import (
 from recyclelora_jax.train.sharding import make_mesh
 
 STEPS = (0, 1, 20_000, 39_999, 40_000)
+TINY, OUT = ARCHS["tiny"], (1, 3)
 
 
 def _step_config():
@@ -115,14 +115,10 @@ def test_linear_warmup_then_poly():
 
 
 @pytest.fixture(scope="module")
-def full_tree():
-    return _full_tree()
-
-
-def _full_tree(seed=0):
-    backbone, images = tiny_backbone(seed)
+def full_tree(tiny_backbone):
+    backbone, images = tiny_backbone
     backbone, layout = attach(backbone, TINY, PLAN.attach, progress=False)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     head = {
         "proj": {"kernel": rng.standard_normal((64, 8)), "bias": np.zeros(8)},
         "transformer_decoder": {
@@ -327,7 +323,8 @@ def test_param_overview_counts_and_bytes(full_tree):
     labels = label_params(params, PLAN.labels, PLAN.groups)
     table = param_overview(params, labels)
     main = sum(x.size for k, x in _flat(params).items() if "adapter_main" in k)
-    assert main == 4 * 8 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))  # r (in + out)
+    d = TINY.embed_dim  # 4 blocks of qkv (d -> 3d), proj, fc1 (d -> 4d), fc2; rank 8:
+    assert main == 4 * 8 * ((d + 3 * d) + (d + d) + (d + 4 * d) + (4 * d + d))  # r (in + out)
     row = next(line for line in table.splitlines() if line.startswith("main "))
     assert row.split()[1:3] == [
         str(sum(1 for k in _flat(params) if "adapter_main" in k)),
@@ -377,12 +374,12 @@ METHOD_ADAPTERS = {
 
 
 @pytest.fixture(scope="module")
-def tiny_base_and_head():
+def tiny_base_and_head(tiny_backbone):
     """The tiny backbone and the smoke config's Mask2Former head parameters (random values on
     its abstract shapes: no init compile)."""
     from recyclelora_jax import build
 
-    base, _ = tiny_backbone(0)
+    base, _ = tiny_backbone
     cfg = smoke(base_config())
     model = build.build_segmentor(cfg, DinoV2(TINY, out_indices=OUT))
     feats = [jax.ShapeDtypeStruct((1, 4, 4, TINY.embed_dim), jnp.float32)] * 4  # 4 ViT maps

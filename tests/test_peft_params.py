@@ -3,7 +3,6 @@
 import jax
 import numpy as np
 import pytest
-from _peft_fixtures import TINY, run_backbone, tiny_backbone
 from flax import traverse_util
 
 from recyclelora_jax.model_io import load_tree, save_tree
@@ -25,6 +24,7 @@ RANKS = {
     "lora": (("lora", 4),),
 }
 ALL_LINEAR = ""  # every linear layer the backbone declares
+TINY = ARCHS["tiny"]
 
 
 def _max_diff(xs, ys):
@@ -32,14 +32,16 @@ def _max_diff(xs, ys):
     return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in pairs)
 
 
-@pytest.fixture(scope="module")
-def backbone():
-    return tiny_backbone()
+def run_backbone(params, images, layout=()):
+    """All non-empty outputs of the backbone built with ``layout``, as a list of arrays."""
+    model = DinoV2(TINY, out_indices=(1, 3), layerscale_init=1.0, adapters=layout)
+    outputs = model.apply({"params": params}, images)  # eager: cheaper than a compile here
+    return [x for x in jax.tree.leaves(outputs) if x.size]
 
 
 @pytest.mark.parametrize("method", sorted(RANKS))
-def test_adapted_backbone_equals_pretrained_at_init(backbone, method):
-    params, images = backbone
+def test_adapted_backbone_equals_pretrained_at_init(tiny_backbone, method):
+    params, images = tiny_backbone
     rule = AttachRule(ALL_LINEAR, method, RANKS[method], alpha=2.0)
     adapted, layout = attach(params, TINY, [rule], progress=False)
     assert len(layout) == 4 * TINY.depth
@@ -47,8 +49,8 @@ def test_adapted_backbone_equals_pretrained_at_init(backbone, method):
     assert _max_diff(run_backbone(adapted, images, layout), reference) <= 1e-5
 
 
-def test_merge_equals_adapted_and_loads_into_plain_backbone(backbone):
-    params, images = backbone
+def test_merge_equals_adapted_and_loads_into_plain_backbone(tiny_backbone):
+    params, images = tiny_backbone
     rule = AttachRule(ALL_LINEAR, "recyclelora", RANKS["recyclelora"])
     adapted, layout = attach(params, TINY, [rule], progress=False)
     # Move away from init so that the adapters carry a real update.
@@ -113,15 +115,15 @@ def test_rules_first_match_and_block_range():
         adapter_layout(TINY, [AttachRule("nothing", "lora", (("lora", 2),))])
 
 
-def test_attach_reports_missing_layer(backbone):
-    params, _ = backbone
+def test_attach_reports_missing_layer(tiny_backbone):
+    params, _ = tiny_backbone
     broken = {k: v for k, v in params.items() if k != "blocks_2"}
     with pytest.raises(KeyError, match="no layer 'blocks_2/attn/qkv'"):
         attach(broken, TINY, [AttachRule(ALL_LINEAR, "lora", (("lora", 2),))], progress=False)
 
 
-def test_attach_is_deterministic_and_cached(backbone, tmp_path, monkeypatch):
-    params, _ = backbone
+def test_attach_is_deterministic_and_cached(tiny_backbone, tmp_path, monkeypatch):
+    params, _ = tiny_backbone
     rules = [
         AttachRule(r"qkv|proj", "recyclelora", (("main", 4), ("sub", 2))),
         AttachRule(r"fc1|fc2", "lora", (("lora", 4),)),

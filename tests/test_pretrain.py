@@ -6,11 +6,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _peft_fixtures import TINY
 
 from recyclelora_jax import pretrain
 from recyclelora_jax.data.transforms import MEAN, STD
-from recyclelora_jax.models.dinov2 import DinoV2
+from recyclelora_jax.models.dinov2 import ARCHS, DinoV2
 
 
 def test_aligned_patches_show_the_same_scene_position():
@@ -62,7 +61,7 @@ def test_photometric_views_keep_geometry_and_range():
 
 def test_pretraining_lowers_the_loss_and_returns_a_backbone_tree():
     rng = np.random.default_rng(2)
-    backbone = DinoV2(TINY, out_indices=(3,))
+    backbone = DinoV2(ARCHS["tiny"], out_indices=(3,))
     # Smooth random images: a learnable signal (patch content) under photometric re-rendering.
     base = rng.standard_normal((8, 6, 6, 3)).astype(np.float32)
     images = np.asarray(jax.image.resize(base, (8, 48, 48, 3), "cubic"))

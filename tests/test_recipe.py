@@ -9,7 +9,6 @@ import functools
 import jax
 import numpy as np
 import pytest
-from _peft_fixtures import TINY, tiny_backbone
 from flax import traverse_util
 
 from recyclelora_jax import build, recipe
@@ -18,6 +17,7 @@ from recyclelora_jax.models.dinov2 import ARCHS
 from recyclelora_jax.peft.params import attach, attach_shapes
 
 ARCH_NAMES = ("vits14", "vitb14", "vitl14", "vitg14")
+TINY = ARCHS["tiny"]
 # Adapter ranks per group: RecycleLoRA 32 + 4; one adapter of rank 36 for PiSSA/MiLoRA/LoRA.
 RANKS = {
     "recyclelora": {"main": 32, "sub": 4},
@@ -136,7 +136,7 @@ def test_soma_on_vitg_trains_its_swiglu_adapters():
     assert labels["blocks_7/mlp/w12/bias"] == FROZEN
 
 
-def test_ablations_are_told_apart():
+def test_ablations_are_told_apart(tiny_backbone):
     """main-only / sub-only differ in what exists; swapped differs from RecycleLoRA in the
     directions it starts from, on a real (tiny) backbone, while both start at the pretrained
     function."""
@@ -144,7 +144,7 @@ def test_ablations_are_told_apart():
     plans = {m: recipe.from_config(c, TINY) for m, c in cfg.items()}
     assert [r.method for r in plans["swapped"].attach] == ["swapped"]
     small = dataclasses.replace(plans["recyclelora"].attach[0], ranks=(("main", 4), ("sub", 2)))
-    params, _ = tiny_backbone()
+    params, _ = tiny_backbone
     ours, _ = attach(params, TINY, [small], progress=False)
     swapped, _ = attach(
         params, TINY, [dataclasses.replace(small, method="swapped")], progress=False

@@ -53,6 +53,9 @@ ARCHS: dict[str, DinoV2Arch] = {
     "vitb14": DinoV2Arch(768, 12, 12),
     "vitl14": DinoV2Arch(1024, 24, 16),
     "vitg14": DinoV2Arch(1536, 40, 24, ffn="swiglu"),
+    # The project's one small ViT of DINOv2's shape (head size 64) for smoke runs, the demo,
+    # tests and benchmarks: 64-px inputs on 8-px patches fill its position grid.
+    "tiny": DinoV2Arch(128, 4, 2, patch_size=8, pos_grid=8),
 }
 ARCHS.update(
     {f"{k}_reg4": dataclasses.replace(v, num_register_tokens=4) for k, v in list(ARCHS.items())}
