@@ -20,9 +20,8 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
-from quiet import QUIET, check_load
+from quiet import QUIET, check_load, time_calls
 
 BATCH_DEFAULT, GRID, WIDTH, CLASSES = 2, 32, 1024, 19
 
@@ -36,19 +35,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--allow-loaded", action="store_true", help="run (flagged) on a busy machine")
     p.add_argument("--only", choices=("jax", "torch"), help=argparse.SUPPRESS)
     return p.parse_args()
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(first call incl. compilation, median of the next `repeats` calls), seconds."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return first, statistics.median(runs)
 
 
 def run_jax(args) -> dict:
@@ -69,10 +55,10 @@ def run_jax(args) -> dict:
     step = jax.jit(jax.grad(scalar))
     compiled = step.lower(params, feats).compile()
     mem = compiled.memory_analysis()
-    first, median = timed(lambda: jax.block_until_ready(step(params, feats)), args.repeats)
+    first, runs, _ = time_calls(lambda: jax.block_until_ready(step(params, feats)), args.repeats)
     return {
         "first": first,
-        "median": median,
+        "median": statistics.median(runs),
         "xla_temp_gib": mem.temp_size_in_bytes / 2**30 if mem else float("nan"),
         "version": f"jax {jax.__version__}",
     }
@@ -104,10 +90,10 @@ def run_torch(args) -> dict:
         loss = loss + sum((m**2).mean() for m in dec.masks_queries_logits)
         loss.backward()
 
-    first, median = timed(step, args.repeats)
+    first, runs, _ = time_calls(step, args.repeats)
     return {
         "first": first,
-        "median": median,
+        "median": statistics.median(runs),
         "version": f"torch {torch.__version__}, transformers {transformers.__version__}",
     }
 

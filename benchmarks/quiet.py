@@ -1,10 +1,13 @@
-"""The one-minute load average, checked before a CPU benchmark: on a shared machine other jobs
-slow PyTorch's thread pool more than XLA's, so ratios taken under load are not facts."""
+"""What every CPU benchmark shares: the one-minute load average, checked before timing (on a
+shared machine other jobs slow PyTorch's thread pool more than XLA's, so ratios taken under load
+are not facts), and one way of timing repeated calls."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
+from collections.abc import Callable
 
 QUIET = 1.0  # below this one-minute load average a CPU timing is taken as quiet
 
@@ -25,3 +28,17 @@ def check_load(allow_loaded: bool) -> float:
         f"LOADED: one-minute load average {load:.2f}; timings are not comparable", file=sys.stderr
     )
     return load
+
+
+def time_calls(fn: Callable[[], object], repeats: int) -> tuple[float, list[float], object]:
+    """(first call's seconds, compilation included; each of the next ``repeats`` calls' seconds;
+    the last output). ``fn`` must block until its result is ready (``jax.block_until_ready``)."""
+    start = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - start
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        runs.append(time.perf_counter() - start)
+    return first, runs, out
