@@ -90,10 +90,13 @@ def build_segmentor(
     h = dict(cfg.model.head)
     h.pop("loss", None)
     name, num_classes = h.pop("name"), h.pop("num_classes")
-    attention = cfg.model.backbone.get("attention", "auto")
-    return Segmentor(
-        backbone.clone(adapters=layout, attention=attention), build_head(name, num_classes, **h)
+    b = cfg.model.backbone
+    backbone = backbone.clone(
+        adapters=layout,
+        attention=b.get("attention", "auto"),
+        scan_layers=b.get("scan_layers", False),  # configs stored before the option: unrolled
     )
+    return Segmentor(backbone, build_head(name, num_classes, **h))
 
 
 def init_head(model: Segmentor, crop: int, seed: int) -> Params:

@@ -162,6 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
         out_indices=(7, 11, 15, 23),
         interpolate_offset=None,  # None: the checkpoint's own rule (convert.load_dinov2)
         remat=False,
+        scan_layers=False,  # identical blocks as one lax.scan: compiled once, same parameters
         dtype="float32",  # compute dtype ("bfloat16" for mixed precision)
         param_dtype="float32",  # storage of the frozen weights ("bfloat16" halves memory)
         attention="auto",  # reference, xla, cudnn or pallas; auto picks by backend
@@ -176,6 +177,7 @@ def base_config() -> ml_collections.ConfigDict:
         sampling="auto",  # bilinear point sampling, head and loss: gather, matmul; auto by backend
         remat=False,  # recompute the deformable sampling in the backward
         remat_layers=False,  # recompute every encoder/decoder layer in the backward
+        scan_layers=False,  # the encoder layers as one lax.scan: compiled once, same parameters
     )
 
     # The recipe: which layers get which adapters, then how every parameter trains (regex over

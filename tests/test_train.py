@@ -266,6 +266,20 @@ def test_gradient_accumulation_equals_the_full_batch(fp32_steps, accum):
         assert float(m2[key]) == pytest.approx(float(want_m2[key]), rel=1e-5), key
 
 
+def test_scanned_blocks_step_equals_the_unrolled_one(fp32_steps, data, tmp_path):
+    """``model.backbone.scan_layers``: two real steps give the unrolled run's parameters, Adam
+    moments, loss and gradient norm (float32 summation order: rtol 1e-4)."""
+    cfg = tiny_config(data)
+    cfg.model.backbone.scan_layers = True
+    got = _two_steps(cfg, tmp_path, 1, _fixed_batch(cfg))
+    want = fp32_steps[1]
+    for g, w in zip(jax.tree.leaves(got[:2]), jax.tree.leaves(want[:2]), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * float(np.abs(w).max() + 1e-30))
+    for m, w in zip(got[2:], want[2:], strict=True):
+        for key in ("loss", "grad_norm"):
+            assert float(m[key]) == pytest.approx(float(w[key]), rel=1e-5), key
+
+
 def test_bfloat16_storage_and_compute_run_a_step(fp32_steps, data, tmp_path):
     """bf16 frozen weights and bf16 compute, two micro-batches, through two real steps: the
     adapters, head and optimizer stay float32, the parameters move, and both losses stay within

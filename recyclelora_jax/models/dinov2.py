@@ -1,10 +1,10 @@
 """DINOv2 vision transformer in Flax linen, faithful to facebookresearch/dinov2.
 
 Parameter names follow the official checkpoints (``blocks_N/attn/qkv``, ``ls1/gamma``, ...), so
-conversion is a transpose per tensor and the tree reads like the paper's code. The blocks are an
-unrolled Python loop rather than ``nn.scan``: PEFT needs per-block structure (SoMA adapts only
-blocks 8-23, rules select layers by path), and the measured compile time at depth 40 stays small
-(a few seconds; see the Backbone section of ``docs/DESIGN.md``).
+conversion is a transpose per tensor and the tree reads like the paper's code. PEFT needs that
+per-block tree (SoMA adapts only blocks 8-23, rules select layers by path), so the blocks are
+declared one by one; ``scan_layers`` runs each run of identical blocks as one ``lax.scan``
+(`layer_scan`) over that same tree, which the TPU compiler compiles once instead of 24 times.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from recyclelora_jax.models.adapters import AdapterLayout, make_dense
+from recyclelora_jax.models.layer_scan import scan_over_layers, signature, uniform_runs
 from recyclelora_jax.models.resize import torch_interpolate
 
 LN_EPS = 1e-6
@@ -237,6 +238,7 @@ class DinoV2(nn.Module):
     interpolate_antialias: bool = False
     layerscale_init: float = 1e-5
     remat: bool = False
+    scan_layers: bool = False  # identical blocks as one lax.scan (`_scanned_blocks`)
     dtype: Any = None  # compute dtype; None follows the input
     param_dtype: Any = jnp.float32
     adapters: AdapterLayout = ()
@@ -255,18 +257,10 @@ class DinoV2(nn.Module):
             raise ValueError(f"image {height}x{width} is smaller than one {a.patch_size}px patch")
 
         x = self._tokens(images.astype(dtype), masks, gh, gw, height == width)
-
-        block_cls = nn.remat(Block) if self.remat else Block
+        blocks = self._scanned_blocks if self.scan_layers else self._blocks
+        x, kept = blocks(x, dtype)
         n_prefix = 1 + a.num_register_tokens
-        kept = {}
-        for i in range(a.depth):
-            name = f"blocks_{i}"
-            x = block_cls(
-                a, name, self.adapters, self.layerscale_init, dtype, pd, self.attention, name=name
-            )(x)
-            if i in self.out_indices:
-                kept[i] = x[:, n_prefix:].reshape(batch, gh, gw, a.embed_dim)
-        features = [kept[i] for i in self.out_indices]
+        features = [k[:, n_prefix:].reshape(batch, gh, gw, a.embed_dim) for k in kept]
 
         x_norm = nn.LayerNorm(LN_EPS, dtype=dtype, param_dtype=pd, name="norm")(x)
         return {
@@ -276,6 +270,51 @@ class DinoV2(nn.Module):
             "x_prenorm": x,
             "features": features,
         }
+
+    def _block(self, i: int, dtype: Any, cls: type[Block] = Block, **kwargs: Any) -> Block:
+        args = (self.arch, f"blocks_{i}", self.adapters, self.layerscale_init, dtype)
+        return cls(*args, self.param_dtype, self.attention, **kwargs)
+
+    def _blocks(self, x: jax.Array, dtype: Any) -> tuple[jax.Array, list[jax.Array]]:
+        """The unrolled loop: the last block's tokens and those after each of ``out_indices``."""
+        cls = nn.remat(Block) if self.remat else Block
+        kept = {}
+        for i in range(self.arch.depth):
+            x = self._block(i, dtype, cls, name=f"blocks_{i}")(x)
+            if i in self.out_indices:
+                kept[i] = x
+        return x, [kept[i] for i in self.out_indices]
+
+    def _scanned_blocks(self, x: jax.Array, dtype: Any) -> tuple[jax.Array, list[jax.Array]]:
+        """`_blocks` as one scan per run of blocks with equal parameter shapes and adapters
+        (one run for RecycleLoRA's 24 adapted blocks, two for SoMA's 8 + 16). The tokens after
+        the ``out_indices`` blocks are written into a carried buffer (slot ``len(out)`` takes
+        the others), so the loop holds one copy of them, not one per block. Initialisation
+        takes the unrolled loop, which declares the per-block parameters."""
+        if self.is_initializing():
+            return self._blocks(x, dtype)
+        depth = self.arch.depth
+        params = [self.variables["params"][f"blocks_{i}"] for i in range(depth)]
+        out = sorted(set(self.out_indices))
+        slots = jnp.array([out.index(i) if i in out else len(out) for i in range(depth)])
+        kept = jnp.zeros((len(out) + 1, *x.shape), x.dtype)
+        keys = [(signature(p), self._block_adapters(i)) for i, p in enumerate(params)]
+        for run in uniform_runs(keys):
+            layer = self._block(run.start, dtype, parent=None).apply
+            if self.remat:
+                layer = jax.checkpoint(layer, prevent_cse=False)
+
+            def step(p: Any, carry: tuple, slot: jax.Array, layer=layer) -> tuple:
+                h = layer({"params": p}, carry[0])
+                return h, jax.lax.dynamic_update_index_in_dim(carry[1], h, slot, 0)
+
+            x, kept = scan_over_layers(step, params[run], (x, kept), slots[run])
+        return x, [kept[out.index(i)] for i in self.out_indices]
+
+    def _block_adapters(self, i: int) -> tuple:
+        """Block ``i``'s adapter specs by path inside the block (the scan's second key)."""
+        prefix = f"blocks_{i}/"
+        return tuple((p[len(prefix) :], s) for p, s in self.adapters if p.startswith(prefix))
 
     def _tokens(
         self, images: jax.Array, masks: jax.Array | None, gh: int, gw: int, square: bool

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from recyclelora_jax.models.layer_scan import scan_over_layers
 from recyclelora_jax.models.msdeform import MultiScaleDeformableAttention, reference_points
 from recyclelora_jax.models.resize import resize_bilinear, torch_interpolate
 
@@ -156,6 +157,7 @@ class PixelDecoder(nn.Module):
     dtype: Any = None
     sampling: str = "auto"
     remat_layers: bool = False
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
@@ -175,17 +177,7 @@ class PixelDecoder(nn.Module):
         x = jnp.concatenate(tokens, 1)
         pos = jnp.concatenate(pos, 0)[None].astype(x.dtype)
         refs = reference_points(shapes)[None]
-        layer = nn.remat(EncoderLayer, static_argnums=(4,)) if self.remat_layers else EncoderLayer
-        for i in range(self.num_layers):
-            x = layer(
-                self.num_heads,
-                self.num_points,
-                self.ffn_dim,
-                self.remat,
-                dtype,
-                self.sampling,
-                name=f"encoder_{i}",
-            )(x, pos, refs, shapes)
+        x = self._encoder(x, pos, refs, shapes)
         splits = [h * w for h, w in shapes]
         starts = [sum(splits[:i]) for i in range(len(splits))]
         outs = [
@@ -211,6 +203,22 @@ class PixelDecoder(nn.Module):
             outs[-1]
         )
         return mask_features, outs[:NUM_LEVELS]
+
+    def _encoder(self, x, pos, refs, shapes):
+        """The encoder layers ``encoder_i``: an unrolled loop, or with ``scan_layers`` one scan
+        over their per-layer parameters (`layer_scan`; initialisation declares them unrolled)."""
+        args = (self.num_heads, self.num_points, self.ffn_dim, self.remat, self.dtype)
+        if not self.scan_layers or self.is_initializing():
+            cls = nn.remat(EncoderLayer, static_argnums=(4,)) if self.remat_layers else EncoderLayer
+            for i in range(self.num_layers):
+                x = cls(*args, self.sampling, name=f"encoder_{i}")(x, pos, refs, shapes)
+            return x
+        apply = EncoderLayer(*args, self.sampling, parent=None).apply
+        layer = lambda p, h: apply({"params": p}, h, pos, refs, shapes)
+        if self.remat_layers:
+            layer = jax.checkpoint(layer, prevent_cse=False)
+        params = [self.variables["params"][f"encoder_{i}"] for i in range(self.num_layers)]
+        return scan_over_layers(lambda p, h, _: layer(p, h), params, x)
 
 
 class Attention(nn.Module):
@@ -391,6 +399,9 @@ class Mask2FormerHead(nn.Module):
     sampling: str = "auto"  # deformable attention's gather / matmul (`msdeform`); auto by backend
     # Recompute each encoder and decoder layer in the backward (keeps only layer inputs).
     remat_layers: bool = False
+    # The encoder layers as one scan, compiled once (`PixelDecoder._encoder`). The decoder
+    # layers stay unrolled: they alternate between three levels of different token counts.
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array], train: bool = False) -> dict[str, jax.Array]:
@@ -407,6 +418,7 @@ class Mask2FormerHead(nn.Module):
             dtype,
             self.sampling,
             self.remat_layers,
+            self.scan_layers,
             name="pixel_decoder",
         )(pyramid)
         logits, masks = TransformerDecoder(

@@ -1,0 +1,97 @@
+"""``scan_layers``: the backbone blocks and the deformable encoder layers as one ``lax.scan`` each
+give the unrolled loop's outputs and gradients (float32, 1e-5) over the same parameter tree."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recyclelora_jax.build import TINY
+from recyclelora_jax.config import TINY_MASK2FORMER
+from recyclelora_jax.models.adapters import AdapterSpec
+from recyclelora_jax.models.dinov2 import DinoV2, linear_layer_paths
+from recyclelora_jax.models.layer_scan import uniform_runs
+from recyclelora_jax.models.mask2former import Mask2FormerHead
+
+TOL = 1e-5
+RECYCLELORA = AdapterSpec((("main", 4), ("sub", 2)), 0.5)
+
+
+def _jitter(params, seed: int):
+    """Random perturbation, so that zero-initialised adapters and layer scales carry gradient."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        tree,
+        [
+            x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+            for k, x in zip(keys, leaves, strict=True)
+        ],
+    )
+
+
+def _value_and_grad(model, params, inputs, outputs):
+    loss = lambda p: sum((y.astype(jnp.float32) ** 2).mean() for y in outputs(model, p, inputs))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def _assert_close(got, want):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL * float(np.abs(w).max() + 1e-30))
+
+
+def _scans(model, params, inputs) -> int:
+    """The number of loops in the compiled-to-be program."""
+    return str(jax.make_jaxpr(lambda p: model.apply({"params": p}, inputs))(params)).count("scan[")
+
+
+def _backbone_outputs(model, params, images):
+    out = model.apply({"params": params}, images)
+    return [*out["features"], out["x_norm_clstoken"], out["x_norm_patchtokens"]]
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_blocks_match_the_loop_with_recyclelora_adapters(remat):
+    """Blocks 1-3 adapted (main 4 + sub 2 on every kernel), block 0 plain, as SoMA leaves its
+    first blocks: two scans, loss and every gradient as unrolled, with and without remat."""
+    layout = tuple(
+        (p, RECYCLELORA) for p in linear_layer_paths(TINY) if not p.startswith("blocks_0/")
+    )
+    loop = DinoV2(TINY, out_indices=(1, 3, 2), adapters=layout, remat=remat)
+    scanned = loop.clone(scan_layers=True)
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    params = loop.init(jax.random.key(1), images)["params"]
+    init_scanned = scanned.init(jax.random.key(1), images)["params"]
+    assert jax.tree.map(jnp.shape, init_scanned) == jax.tree.map(jnp.shape, params)
+    params = _jitter(params, 2)
+    assert _scans(scanned, params, images) == 2 and _scans(loop, params, images) == 0
+    got = _value_and_grad(scanned, params, images, _backbone_outputs)
+    _assert_close(got, _value_and_grad(loop, params, images, _backbone_outputs))
+    assert float(jnp.abs(got[1]["blocks_2"]["attn"]["qkv"]["adapter_sub"]["a"]).max()) > 0
+
+
+def test_uniform_runs_split_where_the_key_changes():
+    assert uniform_runs("aabbba") == [slice(0, 2), slice(2, 5), slice(5, 6)]
+    assert uniform_runs("a") == [slice(0, 1)]
+
+
+def _head_outputs(model, params, features):
+    return list(model.apply({"params": params}, features).values())
+
+
+@pytest.mark.parametrize("remat_layers", [False, True])
+def test_scanned_encoder_layers_match_the_loop(remat_layers):
+    """The tiny Mask2Former with 3 deformable encoder layers: one scan, every output set and
+    every gradient as unrolled, same parameter tree."""
+    hp = {k: v for k, v in TINY_MASK2FORMER.items() if k != "loss"}
+    loop = Mask2FormerHead(5, **dict(hp, encoder_layers=3), remat_layers=remat_layers)
+    scanned = loop.clone(scan_layers=True)
+    keys = jax.random.split(jax.random.key(3), 4)
+    features = [jax.random.normal(k, (2, 4, 4, 16)) for k in keys]
+    params = loop.init(jax.random.key(4), features)["params"]
+    init_scanned = scanned.init(jax.random.key(4), features)["params"]
+    assert jax.tree.map(jnp.shape, init_scanned) == jax.tree.map(jnp.shape, params)
+    params = _jitter(params, 5)
+    assert _scans(scanned, params, features) == 1 + _scans(loop, params, features)
+    got = _value_and_grad(scanned, params, features, _head_outputs)
+    _assert_close(got, _value_and_grad(loop, params, features, _head_outputs))
