@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recyclelora_jax.build import TINY
 from recyclelora_jax.config import TINY_MASK2FORMER
 from recyclelora_jax.models.adapters import AdapterSpec
-from recyclelora_jax.models.dinov2 import DinoV2, linear_layer_paths
+from recyclelora_jax.models.dinov2 import ARCHS, DinoV2, linear_layer_paths
 from recyclelora_jax.models.layer_scan import uniform_runs
 from recyclelora_jax.models.mask2former import Mask2FormerHead
 
 TOL = 1e-5
+TINY = ARCHS["tiny"]
 RECYCLELORA = AdapterSpec((("main", 4), ("sub", 2)), 0.5)
 
 
@@ -92,8 +92,8 @@ def _head_outputs(model, params, features):
 def test_scanned_encoder_layers_match_the_loop(remat_layers):
     """The tiny Mask2Former with 3 deformable encoder layers: one scan, every output set and
     every gradient as unrolled, same parameter tree."""
-    hp = {k: v for k, v in TINY_MASK2FORMER.items() if k != "loss"}
-    loop = Mask2FormerHead(5, **dict(hp, encoder_layers=3), remat_layers=remat_layers)
+    hp = dict(TINY_MASK2FORMER, encoder_layers=3)
+    loop = Mask2FormerHead(5, **hp, remat_layers=remat_layers)
     scanned = loop.clone(scan_layers=True)
     keys = jax.random.split(jax.random.key(3), 4)
     features = [jax.random.normal(k, (2, 4, 4, 16)) for k in keys]
