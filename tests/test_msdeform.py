@@ -110,9 +110,15 @@ def test_deformable_attention_parity(sampling):
     def apply(p, x):
         return module.apply({"params": p}, x + pos, refs[None], x, SHAPES)
 
-    got, vjp = jax.vjp(apply, params, jnp.asarray(hidden))
+    @jax.jit  # as the training step runs it (eager, every op is dispatched alone)
+    def output_and_gradients(p, x, cot):
+        out, vjp = jax.vjp(apply, p, x)
+        return out, vjp(cot)
+
+    got, (grad_params, grad_hidden) = output_and_gradients(
+        params, jnp.asarray(hidden), jnp.asarray(cot)
+    )
     np.testing.assert_allclose(got, want.detach().numpy(), atol=1e-5, rtol=1e-5)
-    grad_params, grad_hidden = vjp(jnp.asarray(cot))
     np.testing.assert_allclose(grad_hidden, hidden_t.grad.numpy(), atol=1e-4, rtol=1e-4)
     for name, g in grad_params.items():
         layer = getattr(ref, name)
