@@ -304,7 +304,8 @@ def preflight(
     }
     for name, (fn, args, model) in programs(cfg, mesh, per_chip_batch, parts, evaluate).items():
         log(f"compiling {name} ...")
-        result = compile_program(fn, args, chip, per_chip_batch, model)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as the training step's own
+            result = compile_program(fn, args, chip, per_chip_batch, model)
         if name == "train":
             report.update(result)
         elif name == "eval":

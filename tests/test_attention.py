@@ -10,6 +10,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from recyclelora_jax.models import dinov2
+from recyclelora_jax.train.sharding import batch_sharding, make_mesh
 
 
 def _qkv(tokens: int, heads: int = 2, head_dim: int = 16, batch: int = 2) -> jax.Array:
@@ -37,6 +38,27 @@ def test_pallas_flash_matches_reference_with_padded_tokens():
     # 37 tokens are padded to the kernel's 128-token block; the padding must stay invisible.
     with pltpu.force_tpu_interpret_mode():
         _assert_matches_reference("pallas", _qkv(37, batch=1))
+
+
+def test_pallas_flash_in_a_sharded_step_matches_reference():
+    """Under the training step's mesh (data 2 x fsdp 2 of the simulated CPU devices, batch split
+    over both) the kernel runs per device in a shard_map: same value and gradient."""
+    mesh = make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
+    qkv = jax.device_put(_qkv(37, batch=4), batch_sharding(mesh))
+
+    def in_mesh(impl):
+        def fn(x):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return _value_and_grad(impl, x)
+
+        return jax.jit(fn)(qkv), str(jax.make_jaxpr(fn)(qkv))
+
+    with pltpu.force_tpu_interpret_mode():
+        (out, grad), program = in_mesh("pallas")
+    assert "shard_map" in program and "pallas_call" in program
+    (ref_out, ref_grad), _ = in_mesh("reference")
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-5)
 
 
 def test_auto_picks_by_backend():

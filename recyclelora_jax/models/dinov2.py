@@ -87,8 +87,8 @@ _FLASH_BLOCK = 128  # the Pallas kernel's sequence block: tokens are padded to a
 
 def resolve_attention(name: str, platform: str, dtype: Any) -> str:
     """``auto``: cuDNN flash attention on GPU for 16-bit inputs (XLA's otherwise), XLA's on TPU,
-    `attention` on CPU (the fastest there). The Pallas kernel is opt-in: a Mosaic kernel is not
-    partitioned automatically, so under a sharded ``jit`` it would need a ``shard_map``."""
+    `attention` on CPU (the fastest there). The Pallas kernel is opt-in (see `flash_attention`
+    and the attention table in docs/BENCHMARKS.md)."""
     if name not in ATTENTION_IMPLS:
         raise ValueError(f"attention={name!r} unknown; choose one of {ATTENTION_IMPLS}")
     if name != "auto":
@@ -100,8 +100,30 @@ def resolve_attention(name: str, platform: str, dtype: Any) -> str:
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """The Pallas TPU flash kernel over (B, heads, T, head_dim): (T, T) logits never reach HBM.
-    Tokens are padded to the kernel's block; padded keys sit in their own segment, so no real
-    query attends to them."""
+
+    A Mosaic kernel is not partitioned by the compiler, so under a mesh in context (the training
+    step sets its own, `jax.sharding.use_abstract_mesh`) each device runs it on its share of the
+    batch in a ``shard_map`` (the mesh's axes that divide B, in order; the project's meshes have
+    no model axis to split the heads over).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    axes, share = [], 1
+    for name in () if mesh.empty else mesh.axis_names:
+        if mesh.shape[name] > 1 and q.shape[0] % (share * mesh.shape[name]) == 0:
+            axes.append(name)
+            share *= mesh.shape[name]
+    if not axes:
+        return _flash_kernel(q, k, v)
+    spec = jax.sharding.PartitionSpec(tuple(axes))
+    # check_vma=False: the kernel's outputs carry no per-device variance annotation.
+    return jax.shard_map(
+        _flash_kernel, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False
+    )(q, k, v)
+
+
+def _flash_kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """`flash_attention` on one device. Tokens are padded to the kernel's block; padded keys
+    sit in their own segment, so no real query attends to them."""
     from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
 
     t = q.shape[2]

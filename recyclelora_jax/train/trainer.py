@@ -250,7 +250,11 @@ def make_train_step(setup: Setup, state: State, frozen: Params) -> Callable:
     def step_fn(state, frozen, batch):
         step, trainable = state["step"], state["trainable"]
         rng = jax.random.fold_in(key, step)
-        (loss, terms), grads = compute_grads(trainable, frozen, batch["image"], batch["label"], rng)
+        # The mesh in context lets per-device kernels (Pallas attention) shard_map themselves.
+        with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):
+            (loss, terms), grads = compute_grads(
+                trainable, frozen, batch["image"], batch["label"], rng
+            )
         updates, opt = tx.update(grads, state["opt"], trainable)
         trainable = optax.apply_updates(trainable, updates)
         ema = state["ema"]
