@@ -95,6 +95,7 @@ def build_segmentor(
         adapters=layout,
         attention=b.get("attention", "auto"),
         scan_layers=b.get("scan_layers", False),  # configs stored before the option: unrolled
+        input_norm=b.get("input_norm", "dataset"),
     )
     return Segmentor(backbone, build_head(name, num_classes, **h))
 

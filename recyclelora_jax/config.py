@@ -166,6 +166,7 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",  # compute dtype ("bfloat16" for mixed precision)
         param_dtype="float32",  # storage of the frozen weights ("bfloat16" halves memory)
         attention="auto",  # reference, xla, cudnn or pallas; auto picks by backend
+        input_norm="dataset",  # "image": standardise each image's channels (the demo's stand-in)
     )
     c.model.head = dict(
         name="mask2former",

@@ -49,7 +49,12 @@ def foundation_weights(cfg: ml_collections.ConfigDict, workdir: Path) -> Path:
         return file
     b, d = cfg.model.backbone, cfg.demo
     arch = arch_from_name(b.arch)
-    backbone = DinoV2(arch, out_indices=tuple(b.out_indices))
+    backbone = DinoV2(
+        arch,
+        out_indices=tuple(b.out_indices),
+        layerscale_init=b.layerscale_init,
+        input_norm=b.input_norm,
+    )
     loader = make_train_loader(
         [
             Source(builder, split, str(Path(d.data_dir) / name))

@@ -100,3 +100,13 @@ def test_raw_padding_where_the_official_pipelines_pad():
     multi-source pipelines have no ``Pad`` step."""
     pads = {name: load_config(name).data.pad_raw for name in ("g2cbm", "c2bm", "gs2cbm", "gsu2cbm")}
     assert pads == {"g2cbm": True, "c2bm": True, "gs2cbm": False, "gsu2cbm": False}
+
+
+def test_only_the_demo_standardises_each_image():
+    """The demo's stand-in backbone reads per-image standardised inputs (pretraining, every
+    method's training and evaluation alike, through the segmentor's backbone); the real
+    configs keep DINOv2's dataset normalisation."""
+    for name in CONFIGS:
+        cfg = load_config(name)
+        model, _, _ = build.segmentor_shapes(cfg)
+        assert model.backbone.input_norm == ("image" if name == "demo" else "dataset"), name

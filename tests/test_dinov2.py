@@ -23,6 +23,7 @@ from recyclelora_jax.models.dinov2 import (
     attention,
     gelu_exact,
     linear_layer_paths,
+    standardize_image,
 )
 
 TOL = 1e-4
@@ -170,12 +171,33 @@ def test_adapter_hook_places_adapters_and_rejects_unknown_layers():
         bad.init(jax.random.key(0), images)
 
 
+def test_image_input_norm_cancels_a_per_channel_colour_cast():
+    """``input_norm="image"``: each image's channels standardised (numpy formula), so an affine
+    colour cast per channel (gain and offset, as a change of white balance) changes nothing."""
+    images = _images((32, 32), batch=2, seed=3)
+    want = (images - images.mean((1, 2), keepdims=True)) / images.std((1, 2), keepdims=True)
+    np.testing.assert_allclose(standardize_image(jnp.asarray(images)), want, atol=1e-5, rtol=0)
+    flat = np.full((1, 8, 8, 3), 0.7, np.float32)
+    np.testing.assert_array_equal(standardize_image(jnp.asarray(flat)), 0.0)  # std floored
+    model = DinoV2(DinoV2Arch(**TINY_ARCH), out_indices=(1,), input_norm="image")
+    params = model.init(jax.random.key(0), images)["params"]
+    cast = images * np.float32([0.5, 1.2, 0.8]) + np.float32([0.3, -0.2, 0.1])
+    out, cast_out = (model.apply({"params": params}, jnp.asarray(x)) for x in (images, cast))
+    np.testing.assert_allclose(out["features"][0], cast_out["features"][0], atol=1e-4, rtol=0)
+    plain = model.clone(input_norm="dataset").apply({"params": params}, jnp.asarray(cast))
+    assert not np.allclose(plain["features"][0], cast_out["features"][0], atol=1e-2)
+
+
 def test_bad_inputs_are_named():
     model = DinoV2(DinoV2Arch(**TINY_ARCH), out_indices=(5,))
     with pytest.raises(ValueError, match=r"out_indices \[5\]"):
         model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     with pytest.raises(ValueError, match="smaller than one 8px patch"):
         model.clone(out_indices=(0,)).init(jax.random.key(0), jnp.zeros((1, 4, 32, 3)))
+    with pytest.raises(ValueError, match="input_norm must be 'dataset' or 'image', got 'pixel'"):
+        model.clone(out_indices=(0,), input_norm="pixel").init(
+            jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+        )
 
 
 def test_attention_and_gelu_match_torch():

@@ -243,6 +243,19 @@ class Block(nn.Module):
         return x + ls("ls2")(mlp(norm("norm2")(x)))
 
 
+# Floor of a channel's standard deviation in `standardize_image` (in units of the dataset
+# normalisation's std, about 58/255): a near-flat image is not blown up into its noise.
+IMAGE_STD_FLOOR = 0.1
+
+
+def standardize_image(images: jax.Array) -> jax.Array:
+    """Each image's channels (B, H, W, 3) to mean 0 and std 1 over its pixels, in float32."""
+    x = images.astype(jnp.float32)
+    mean = x.mean((1, 2), keepdims=True)
+    std = jnp.sqrt(((x - mean) ** 2).mean((1, 2), keepdims=True))
+    return ((x - mean) / jnp.maximum(std, IMAGE_STD_FLOOR)).astype(images.dtype)
+
+
 class DinoV2(nn.Module):
     """DINOv2 ViT. Input: (B, H, W, 3) normalised images. Output: a dict of DINOv2's
     ``forward_features`` keys plus ``features``, the un-normed patch tokens of the blocks in
@@ -252,6 +265,10 @@ class DinoV2(nn.Module):
     (``scale_factor=(n + 0.1) / N``); 0.0 is the ``size=(h, w)`` form of ``transformers``.
     ``interpolate_antialias`` matches the official flag (``Dinov2WithRegisters`` uses True).
     ``attention`` picks the implementation (`resolve_attention`; "auto" by backend).
+    ``input_norm`` "image" first standardises each image's channels over its pixels (mean 0,
+    std 1; `standardize_image`), so a per-channel affine colour cast of the input -- a change of
+    lighting or white balance -- leaves the features unchanged; "dataset" (the official DINOv2)
+    takes the normalised images as they are.
     """
 
     arch: DinoV2Arch
@@ -265,6 +282,7 @@ class DinoV2(nn.Module):
     param_dtype: Any = jnp.float32
     adapters: AdapterLayout = ()
     attention: str = "auto"
+    input_norm: str = "dataset"
 
     @nn.compact
     def __call__(self, images: jax.Array, masks: jax.Array | None = None) -> dict[str, jax.Array]:
@@ -278,6 +296,10 @@ class DinoV2(nn.Module):
         if gh == 0 or gw == 0:
             raise ValueError(f"image {height}x{width} is smaller than one {a.patch_size}px patch")
 
+        if self.input_norm == "image":
+            images = standardize_image(images)
+        elif self.input_norm != "dataset":
+            raise ValueError(f"input_norm must be 'dataset' or 'image', got {self.input_norm!r}")
         x = self._tokens(images.astype(dtype), masks, gh, gw, height == width)
         blocks = self._scanned_blocks if self.scan_layers else self._blocks
         x, kept = blocks(x, dtype)
