@@ -55,6 +55,7 @@ def backbone_module(cfg: ml_collections.ConfigDict, arch: DinoV2Arch) -> DinoV2:
         out_indices=tuple(b.out_indices),
         interpolate_offset=offset if b.interpolate_offset is None else b.interpolate_offset,
         interpolate_antialias=antialias,
+        layerscale_init=b.get("layerscale_init", 1e-5),  # configs stored before the option
         dtype=_dtype(b.dtype),
         param_dtype=_dtype(b.param_dtype),
         remat=b.remat,

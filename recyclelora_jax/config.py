@@ -161,6 +161,9 @@ def base_config() -> ml_collections.ConfigDict:
         pos_grid=32,  # ... and the 37x37 position embedding to 32x32 (512 / 16)
         out_indices=(7, 11, 15, 23),
         interpolate_offset=None,  # None: the checkpoint's own rule (convert.load_dinov2)
+        # LayerScale's start value in a random backbone (weights=""); DINOv2's 1e-5. A weights file
+        # brings its own trained values.
+        layerscale_init=1e-5,
         remat=False,
         scan_layers=False,  # identical blocks as one lax.scan: compiled once, same parameters
         dtype="float32",  # compute dtype ("bfloat16" for mixed precision)
@@ -341,7 +344,14 @@ def apply_common_args(c: ml_collections.ConfigDict, args: dict) -> ml_collection
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrink any config to a laptop-CPU run of a few steps on the synthetic data."""
     c.model.backbone.update(
-        arch="tiny", weights="", patch_size=8, pos_grid=8, out_indices=(0, 1, 2, 3)
+        arch="tiny",
+        weights="",
+        patch_size=8,
+        pos_grid=8,
+        out_indices=(0, 1, 2, 3),
+        # Random weights: LayerScale 1 lets every block (and every adapter) change the output;
+        # DINOv2's 1e-5 would leave a random backbone almost the identity, adapters inert.
+        layerscale_init=1.0,
     )
     if c.model.head.name == "mask2former":
         c.model.head.update(TINY_MASK2FORMER, loss=dict(num_points=256))

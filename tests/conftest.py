@@ -1,5 +1,7 @@
-"""Test-wide settings: 8 simulated CPU devices (set before JAX starts), exact float32 matmuls and
-one on-disk compilation cache for the whole session; fixtures shared by several test files.
+"""Test-wide settings: 8 simulated CPU devices (set before JAX starts), the package's XLA:CPU
+convolution flag (imported before any backend starts, so this process and its ``train.py`` /
+``eval.py`` subprocesses compile alike), exact float32 matmuls and one on-disk compilation cache
+for the whole session; fixtures shared by several test files.
 
 The tiny model is the package's: ``ARCHS["tiny"]`` and ``config.TINY_MASK2FORMER`` (the smoke
 config's and the demo's); a test that needs another shape derives it with ``dataclasses.replace``
@@ -19,6 +21,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE.name
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# The package appends its XLA:CPU convolution flag to XLA_FLAGS on import (it owns the value);
+# imported first, before anything can start a JAX backend that would miss it.
+import recyclelora_jax  # noqa: F401, I001
 
 import jax
 import numpy as np

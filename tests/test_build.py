@@ -1,5 +1,6 @@
 """`build.load_backbone_weights` from a weights file: the reference's 14 → 16 px patch and
-37 → 32 position-grid conversion, and the config's dtypes and output blocks."""
+37 → 32 position-grid conversion, the config's dtypes and output blocks; and the random backbone's
+LayerScale start value (``model.backbone.layerscale_init``), which a weights file overrides."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 from _torch_dinov2 import official_vit_14px
 
 from recyclelora_jax import build
-from recyclelora_jax.config import base_config
+from recyclelora_jax.config import base_config, smoke
 
 
 def _bicubic(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -52,3 +53,26 @@ def test_native_geometry_is_kept_and_storage_dtype_applied(tmp_path):
     assert kernel.dtype == jnp.bfloat16
     want = sd["patch_embed.proj.weight"].numpy().transpose(2, 3, 1, 0)
     np.testing.assert_array_equal(np.asarray(kernel, np.float32), jnp.asarray(want, jnp.bfloat16))
+
+
+def _layerscales(params) -> set[float]:
+    return {
+        float(v)
+        for name, block in params.items()
+        if name.startswith("blocks_")
+        for ls in ("ls1", "ls2")
+        for v in np.unique(np.asarray(block[ls]["gamma"]))
+    }
+
+
+def test_layerscale_init_sets_a_random_backbone_and_a_weights_file_brings_its_own(tmp_path):
+    cfg = smoke(base_config())
+    assert cfg.model.backbone.layerscale_init == 1.0  # the tiny random backbone: blocks matter
+    assert _layerscales(build.load_backbone_weights(cfg, 0)[1]) == {1.0}
+    cfg.model.backbone.layerscale_init = 1e-5  # the recipe configs' value, DINOv2's
+    assert base_config().model.backbone.layerscale_init == 1e-5
+    assert _layerscales(build.load_backbone_weights(cfg, 0)[1]) == {np.float32(1e-5).item()}
+    sd = official_vit_14px()
+    torch.save(sd, tmp_path / "vit.pth")
+    _, params = build.load_backbone_weights(_config(tmp_path / "vit.pth", layerscale_init=1.0), 0)
+    np.testing.assert_array_equal(params["blocks_0"]["ls1"]["gamma"], sd["blocks.0.ls1.gamma"])
