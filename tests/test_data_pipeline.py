@@ -6,16 +6,13 @@ import numpy as np
 import pytest
 
 from recyclelora_jax.data import pipeline
-from recyclelora_jax.data.synthetic import prepare_synthetic_demo
+
+GTAV, PHOTO = 20, 16  # train records of the shared test datasets (conftest ``data``)
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    out = prepare_synthetic_demo(
-        root / "raw", root / "tfds", styles=("photo",), num_train=10, num_val=2, size=(96, 48)
-    )
-    gtav, cs = out["gtav"], out["cityscapes_photo"]
+def datasets(data):
+    gtav, cs = data["gtav"], data["cityscapes_photo"]
     return [(gtav[0], "train", str(gtav[1])), (cs[0], "train", str(cs[1]))]
 
 
@@ -65,7 +62,7 @@ def test_state_restore_continues_exactly(datasets, workers):
 def test_two_processes_get_disjoint_covering_shards(datasets):
     source = pipeline.MixedSource([pipeline.Source(*s) for s in datasets], seed=3)
     n = len(source)
-    assert n == 22
+    assert n == GTAV + PHOTO
     seen = []
     for shard in (0, 1):
         sampler = pipeline.make_sampler(n, 3, shard, 2, local_batch=1)
@@ -107,8 +104,8 @@ def test_subsets_are_drawn_from_the_seed(datasets):
 
     a, b = picked(0), picked(1)
     assert a == picked(0) and a != b
-    assert sum(k == 0 for k, _ in a) == 5 and sum(k == 1 for k, _ in a) == 10
-    assert len(pipeline.MixedSource([pipeline.Source(*gtav)], 0)) == 12  # no subset: all
+    assert sum(k == 0 for k, _ in a) == 5 and sum(k == 1 for k, _ in a) == PHOTO
+    assert len(pipeline.MixedSource([pipeline.Source(*gtav)], 0)) == GTAV  # no subset: all
 
 
 def test_resume_with_another_worker_count_is_refused(datasets):

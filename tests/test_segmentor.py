@@ -6,27 +6,21 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from recyclelora_jax.config import TINY_MASK2FORMER
 from recyclelora_jax.heads import build_head, head_spec
 from recyclelora_jax.losses import LossConfig
-from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
+from recyclelora_jax.models.dinov2 import ARCHS, DinoV2
 from recyclelora_jax.models.segmentor import Segmentor
 
 K = 5
 CFG = LossConfig(num_classes=K, num_points=32)
-TINY_M2F = dict(
-    dim=32,
-    num_queries=8,
-    num_heads=4,
-    encoder_layers=1,
-    encoder_ffn_dim=32,
-    decoder_layers=1,
-    decoder_ffn_dim=32,
-)
+QUERIES = TINY_MASK2FORMER["num_queries"]
 
 
 def _model(head: str) -> Segmentor:
-    backbone = DinoV2(DinoV2Arch(32, 4, 2, patch_size=8, pos_grid=4), out_indices=(0, 1, 2, 3))
-    kwargs = TINY_M2F if head == "mask2former" else {}
+    """The shared tiny model (``ARCHS["tiny"]``, ``config.TINY_MASK2FORMER``) with K classes."""
+    backbone = DinoV2(ARCHS["tiny"], out_indices=(0, 1, 2, 3), layerscale_init=1.0)
+    kwargs = TINY_MASK2FORMER if head == "mask2former" else {}
     return Segmentor(backbone, build_head(head, K, **kwargs))
 
 
@@ -60,10 +54,10 @@ def test_segmentor_contract(head):
         leaves = {p[-1] for p in paths}
         assert {"query_feat", "query_embed", "level_embed"} <= leaves
         out = jax.eval_shape(model.apply, {"params": params}, images)
-        assert out["pred_logits"].shape == (2, 8, K + 1)
+        assert out["pred_logits"].shape == (2, QUERIES, K + 1)
         # patch 8 here, so the x4 pyramid level is at stride 2: 16x16
-        assert out["pred_masks"].shape == (2, 8, 16, 16)
-        assert out["aux_masks"].shape == (1, 2, 8, 16, 16)
+        assert out["pred_masks"].shape == (2, QUERIES, 16, 16)
+        assert out["aux_masks"].shape == (1, 2, QUERIES, 16, 16)
     scores = jax.jit(lambda p, x: model.apply({"params": p}, x, method=Segmentor.predict))(
         params, images
     )
