@@ -44,10 +44,10 @@ class DenseContrast(nn.Module):
 
 def photometric_view(key: jax.Array, images: jax.Array) -> jax.Array:
     """A random photometric re-rendering of normalised images (B, H, W, 3): brightness,
-    contrast, saturation, hue rotation, per-channel cast, greyscale, a smooth light field, grey
-    blotches (a surface texture), blur and noise, each drawn per image. Geometry is unchanged."""
+    contrast, saturation, hue rotation, per-channel cast, greyscale, a smooth light field, blur
+    and noise, each drawn per image. Geometry is unchanged."""
     b, h, w, _ = images.shape
-    ks = jax.random.split(key, 12)
+    ks = jax.random.split(key, 10)
     mean, std = jnp.asarray(MEAN / 255), jnp.asarray(STD / 255)
     x = images * std + mean
 
@@ -70,15 +70,11 @@ def photometric_view(key: jax.Array, images: jax.Array) -> jax.Array:
     x = x * u(ks[5], 0.75, 1.25, (b, 1, 1, 3))
     light = jax.image.resize(u(ks[6], -1, 1, (b, 3, 3, 1)), (b, h, w, 1), "cubic")
     x = x * (1 + 0.3 * light)
-    cells = (b, max(2, h // 6), max(2, w // 6), 1)  # grey blotches: a surface texture of ~6 px
-    x = x + u(ks[10], 0, 0.15) * jax.image.resize(u(ks[11], -1, 1, cells), (b, h, w, 1), "cubic")
-    blurred = x
-    for _ in range(2):  # a 5x5 binomial-like blur: two passes of the 3x3 box
-        blurred = (blurred + jnp.roll(blurred, 1, 1) + jnp.roll(blurred, -1, 1)) / 3
-        blurred = (blurred + jnp.roll(blurred, 1, 2) + jnp.roll(blurred, -1, 2)) / 3
+    blurred = (x + jnp.roll(x, 1, 1) + jnp.roll(x, -1, 1)) / 3
+    blurred = (blurred + jnp.roll(blurred, 1, 2) + jnp.roll(blurred, -1, 2)) / 3
     alpha = u(ks[7], 0, 1) * (u(ks[8], 0, 1) < 0.5)
     x = (1 - alpha) * x + alpha * blurred
-    x = x + u(ks[9], 0, 0.1) * jax.random.normal(jax.random.fold_in(key, 1), x.shape)
+    x = x + u(ks[9], 0, 0.06) * jax.random.normal(jax.random.fold_in(key, 1), x.shape)
     return (jnp.clip(x, 0, 1) - mean) / std
 
 
