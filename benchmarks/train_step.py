@@ -16,6 +16,7 @@ own); the parent prints a markdown table with torch / JAX time ratios.
 
     python benchmarks/train_step.py                      # ViT-S and ViT-B, 2 timed steps
     python benchmarks/train_step.py --sizes l --steps 1 --remat  # ViT-L in less memory
+    python benchmarks/train_step.py --sizes s --scan     # scanned, recomputed layers: least memory
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def parse_args() -> argparse.Namespace:
         "--remat",
         action="store_true",
         help="JAX recomputes each backbone block in the backward (model.backbone.remat)",
+    )
+    p.add_argument(
+        "--scan",
+        action="store_true",
+        help="JAX runs the backbone blocks and the deformable encoder layers as lax.scans, each "
+        "layer recomputed in the backward (scan_layers + remat on both: the least memory)",
     )
     p.add_argument(
         "--workdir",
@@ -123,8 +130,10 @@ def run_jax(size: str, args: argparse.Namespace) -> dict:
         weights="",
         pos_grid=args.crop // PATCH,
         out_indices=out_indices,
-        remat=args.remat,
+        remat=args.remat or args.scan,
+        scan_layers=args.scan,
     )
+    cfg.model.head.update(scan_layers=args.scan, remat_layers=args.scan)
     cfg.train.batch_size = args.batch
     cfg.data.crop_size = args.crop
     start = time.perf_counter()
@@ -413,8 +422,9 @@ def main() -> None:
     print(
         f"{platform.machine()}, {args.threads} threads; {'; '.join(versions.values())}; "
         f"batch {args.batch}, {args.crop} px, float32, median of {args.steps} after "
-        f"{args.warmup} warm-up; JAX backbone remat: {args.remat}; one-minute load average "
-        f"{start_load:.1f} at start{' (LOADED)' if start_load >= QUIET else ''}"
+        f"{args.warmup} warm-up; JAX backbone remat: {args.remat}, scanned layers: {args.scan}; "
+        f"one-minute load average {start_load:.1f} at start"
+        f"{' (LOADED)' if start_load >= QUIET else ''}"
     )
     print(
         "| model | steps | JAX s/step | torch s/step | torch / JAX | JAX img/s | torch img/s | "
