@@ -36,7 +36,7 @@ def get_config(arg=None):
         pretrain_batch=16,
         pretrain_crop=80,  # two 64-px views at independent patch offsets
         pretrain_lr=1e-3,
-        # Three methods, three seeds: the whole demo stays within 10 minutes on a 2-core CPU.
+        # Three methods, three seeds: 13 min 19 s on a quiet 2-core CPU (docs/BENCHMARKS.md).
         methods=("recyclelora", "lora", "frozen"),
         seeds=(0, 1, 2),
         baseline="lora",
@@ -56,7 +56,7 @@ def get_config(arg=None):
         layerscale_init=1.0,
     )
     # DINOv2's linear probe head: the Mask2Former head costs ~4x per step and ~45 s of compile on
-    # this CPU, too much for a 10-minute demo of nine runs. It stays one flag away:
+    # this CPU, too much for a demo of nine runs. It stays one flag away:
     # --config.model.head.name=mask2former.
     c.model.head = dict(name="linear", num_classes=19)
     c.adapters = recyclelora_adapters(main=8, sub=2)
