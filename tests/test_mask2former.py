@@ -224,9 +224,12 @@ def test_head_end_to_end_parity(reference):
 
 def test_tpu_layout_and_layer_remat_keep_outputs_and_gradients(reference):
     """matmul sampling + every layer rematerialised: the same parameter tree (the reference's),
-    outputs and gradients equal to the default layout to 1e-5 of the largest output / the
-    largest gradient entry (float32 rounding: some gradients, such as biases before a norm,
-    are zero up to cancellation of terms in the hundreds)."""
+    outputs and gradients equal to the default layout to 3e-5 of the largest output / the
+    largest gradient entry. That is float32 rounding: against the same head in float64, the
+    default layout's own gradient of ``encoder_0``'s sampling-offset kernel is 1.2e-5 of the
+    largest entry off, the matmul layout's 1.8e-5 (bilinear sampling's derivative is steep
+    where points cross pixel centres; some gradients, such as biases before a norm, are zero
+    up to cancellation of terms in the hundreds). A wrong corner or weight is off by O(1)."""
     head_params = {
         "pixel_decoder": reference["pixel_params"],
         "transformer_decoder": reference["decoder_params"],
@@ -244,7 +247,7 @@ def test_tpu_layout_and_layer_remat_keep_outputs_and_gradients(reference):
     for w, g in zip(want, got, strict=True):
         scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(w))
         for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(g), strict=True):
-            np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * scale)
+            np.testing.assert_allclose(b, a, rtol=0, atol=3e-5 * scale)
 
 
 def test_pyramid_matches_torch_interpolate():
