@@ -22,11 +22,10 @@ from typing import Any
 import ml_collections
 
 from recyclelora_jax import compare
-from recyclelora_jax.build import arch_from_name
+from recyclelora_jax.build import backbone_module, config_arch
 from recyclelora_jax.convert import save_converted
 from recyclelora_jax.data.pipeline import Source, make_train_loader
 from recyclelora_jax.data.synthetic import prepare_synthetic_once
-from recyclelora_jax.models.dinov2 import DinoV2
 from recyclelora_jax.pretrain import pretrain_contrastive
 
 
@@ -47,13 +46,10 @@ def foundation_weights(cfg: ml_collections.ConfigDict, workdir: Path) -> Path:
     file = workdir / "foundation.safetensors"
     if file.exists():
         return file
-    b, d = cfg.model.backbone, cfg.demo
-    arch = arch_from_name(b.arch)
-    backbone = DinoV2(
-        arch,
-        out_indices=tuple(b.out_indices),
-        layerscale_init=b.layerscale_init,
-        input_norm=b.input_norm,
+    d = cfg.demo
+    # The config's own backbone, with the input normalisation its segmentor applies.
+    backbone = backbone_module(cfg, config_arch(cfg)).clone(
+        input_norm=cfg.model.backbone.input_norm
     )
     loader = make_train_loader(
         [
