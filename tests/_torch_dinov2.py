@@ -7,6 +7,7 @@ Also writes the same weights in every checkpoint layout the importer reads: the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -16,9 +17,18 @@ import safetensors.torch
 import torch
 import transformers
 
-# Head size 64 as in every DINOv2 model, so the head count is inferable from the tensors.
+from recyclelora_jax.models.dinov2 import ARCHS
+
+# The project's tiny model (``ARCHS["tiny"]``: head size 64 as in every DINOv2 model, so the
+# head count is inferable from the tensors) with 3 blocks and a 4x4 position grid: the parity
+# images of 32 px are then the pretrained grid, and 40x24 or 72x48 px interpolate it.
+_ARCH = dataclasses.replace(ARCHS["tiny"], depth=3, pos_grid=4)
 TINY = dict(
-    hidden_size=128, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
+    hidden_size=_ARCH.embed_dim,
+    num_hidden_layers=_ARCH.depth,
+    num_attention_heads=_ARCH.num_heads,
+    image_size=_ARCH.pos_grid * _ARCH.patch_size,
+    patch_size=_ARCH.patch_size,
 )
 
 

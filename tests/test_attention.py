@@ -72,11 +72,9 @@ def test_auto_picks_by_backend():
         resolve("flash", "cpu", jnp.float32)
 
 
-def test_backbone_switch_changes_nothing_but_the_kernel():
-    arch = dinov2.DinoV2Arch(embed_dim=64, depth=2, num_heads=2, patch_size=8, pos_grid=4)
-    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    ref = dinov2.DinoV2(arch, out_indices=(0, 1), attention="reference")
-    params = ref.init(jax.random.key(1), images)
-    want = ref.apply(params, images)["features"]
-    got = ref.clone(attention="xla").apply(params, images)["features"]
+def test_backbone_switch_changes_nothing_but_the_kernel(tiny_backbone):
+    params, images = tiny_backbone
+    ref = dinov2.DinoV2(dinov2.ARCHS["tiny"], out_indices=(0, 1, 2, 3), attention="reference")
+    want = ref.apply({"params": params}, images)["features"]
+    got = ref.clone(attention="xla").apply({"params": params}, images)["features"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ from train_helpers import REPO
 from recyclelora_jax import build, recipe
 from recyclelora_jax.config import FROZEN, METHODS, parse_arg
 from recyclelora_jax.convert import save_converted
-from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
+from recyclelora_jax.models.dinov2 import ARCHS, DinoV2
 
 CONFIGS = ("g2cbm", "c2bm", "gs2cbm", "gsu2cbm", "demo")
 
@@ -80,14 +80,12 @@ def test_cityscapes_source_uses_sub_rank_2():
 def test_register_weights_keep_their_own_interpolation(tmp_path):
     """``interpolate_offset=None`` (the default) leaves a register model's size form with
     antialiasing as the file says; a number in the config overrides it."""
-    arch = DinoV2Arch(64, 2, 2, patch_size=8, pos_grid=4, num_register_tokens=4)
+    arch = ARCHS["tiny_reg4"]  # the smoke config's backbone with 4 registers
     model = DinoV2(arch, out_indices=(1,), interpolate_offset=0.0, interpolate_antialias=True)
     params = model.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))["params"]
     save_converted(tmp_path / "reg4.safetensors", model, params)
     cfg = load_config("g2cbm", "smoke")
-    cfg.model.backbone.update(
-        weights=str(tmp_path / "reg4.safetensors"), patch_size=8, pos_grid=4, out_indices=(1,)
-    )
+    cfg.model.backbone.weights = str(tmp_path / "reg4.safetensors")
     loaded, _ = build.load_backbone_weights(cfg, seed=0)
     assert (loaded.interpolate_offset, loaded.interpolate_antialias) == (0.0, True)
     cfg.model.backbone.interpolate_offset = 0.1

@@ -4,6 +4,7 @@ torch-free `.pth` reader agrees with `torch.save`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -20,7 +21,7 @@ from _torch_dinov2 import (
 )
 
 from recyclelora_jax.convert import load_dinov2, main, resize_patch_and_pos, save_converted
-from recyclelora_jax.models.dinov2 import DinoV2Arch
+from recyclelora_jax.models.dinov2 import ARCHS
 from recyclelora_jax.pth import read_pth
 
 
@@ -115,11 +116,11 @@ def test_resize_for_512_matches_torch():
     Values have std 0.1, above the spread of the pretrained tensors; both sides round sampling
     positions in float32, which leaves relative differences of ~3e-6."""
     rng = np.random.default_rng(0)
-    c = 64
+    arch = dataclasses.replace(ARCHS["tiny"], patch_size=14, pos_grid=37)  # DINOv2's geometry
+    c = arch.embed_dim
     kernel = 0.1 * rng.standard_normal((c, 3, 14, 14)).astype(np.float32)  # torch (O, I, H, W)
     pos = 0.1 * rng.standard_normal((1, 1 + 37 * 37, c)).astype(np.float32)
     params = {"patch_embed": {"kernel": kernel.transpose(2, 3, 1, 0), "bias": 0}, "pos_embed": pos}
-    arch = DinoV2Arch(c, 1, 1, patch_size=14, pos_grid=37)
     new_arch, new = resize_patch_and_pos(arch, params, 16, 32)
     assert (new_arch.patch_size, new_arch.pos_grid) == (16, 32)
     want_kernel = _torch_bicubic(kernel, (16, 16)).transpose(2, 3, 1, 0)

@@ -6,6 +6,8 @@ magnitude ~1 after 3 random blocks.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,10 +21,10 @@ from recyclelora_jax.models.adapters import AdapterSpec
 from recyclelora_jax.models.dinov2 import (
     ARCHS,
     DinoV2,
-    DinoV2Arch,
     attention,
     gelu_exact,
     linear_layer_paths,
+    linear_layer_shapes,
     standardize_image,
 )
 
@@ -30,7 +32,6 @@ TOL = 1e-4
 OUT = (0, 1)  # intermediate blocks compared, besides the final normed tokens
 NATIVE, NON_NATIVE = (32, 32), (40, 24)  # 4x4 patch grid = the pretrained grid; 5x3 is not
 SAME_COUNT = (16, 64)  # 2x8 = 16 patches, as many as the 4x4 grid, yet interpolated
-TINY_ARCH = dict(embed_dim=128, depth=2, num_heads=2, patch_size=8, pos_grid=4)
 
 
 def _images(hw, batch=2, seed=0):
@@ -157,7 +158,7 @@ def test_vit_l_tree_without_allocation_matches_transformers_count():
 
 
 def test_adapter_hook_places_adapters_and_rejects_unknown_layers():
-    arch = DinoV2Arch(**TINY_ARCH)
+    arch = ARCHS["tiny"]
     spec = AdapterSpec((("main", 4),), scale=1.0)
     images = jnp.zeros((1, 32, 32, 3))
     model = DinoV2(arch, out_indices=(0,), adapters=(("blocks_1/mlp/fc2", spec),))
@@ -166,22 +167,28 @@ def test_adapter_hook_places_adapters_and_rejects_unknown_layers():
     assert (adapter["a"].shape, adapter["b"].shape) == ((512, 4), (4, 128))
     assert "adapter_main" not in params["blocks_0"]["mlp"]["fc2"]
     assert len(linear_layer_paths(arch)) == 4 * arch.depth
+    for a in (arch, dataclasses.replace(arch, ffn="swiglu")):  # the shapes the FLOPs count reads
+        init = DinoV2(a, out_indices=(0,)).init
+        block = jax.eval_shape(init, jax.random.key(0), images)["params"]["blocks_0"]
+        kernels = {p: block[p.split("/")[0]][p.split("/")[1]]["kernel"].shape
+                   for p in linear_layer_shapes(a)}  # fmt: skip
+        assert kernels == linear_layer_shapes(a), a.ffn
     bad = DinoV2(arch, out_indices=(0,), adapters=(("blocks_9/attn/qkv", spec),))
     with pytest.raises(ValueError, match="blocks_9/attn/qkv"):
         bad.init(jax.random.key(0), images)
 
 
-def test_image_input_norm_cancels_a_per_channel_colour_cast():
+def test_image_input_norm_cancels_a_per_channel_colour_cast(tiny_backbone):
     """``input_norm="image"``: each image's channels standardised (numpy formula), so an affine
     colour cast per channel (gain and offset, as a change of white balance) changes nothing."""
+    params, _ = tiny_backbone
     images = _images((32, 32), batch=2, seed=3)
     want = (images - images.mean((1, 2), keepdims=True)) / images.std((1, 2), keepdims=True)
     np.testing.assert_allclose(standardize_image(jnp.asarray(images)), want, atol=1e-5, rtol=0)
     flat = np.full((1, 8, 8, 3), 0.7, np.float32)
     flat_out = standardize_image(jnp.asarray(flat))  # std floored: rounding not blown up
     np.testing.assert_allclose(flat_out, 0.0, atol=1e-4, rtol=0)
-    model = DinoV2(DinoV2Arch(**TINY_ARCH), out_indices=(1,), input_norm="image")
-    params = model.init(jax.random.key(0), images)["params"]
+    model = DinoV2(ARCHS["tiny"], out_indices=(1,), input_norm="image")
     cast = images * np.float32([0.5, 1.2, 0.8]) + np.float32([0.3, -0.2, 0.1])
     out, cast_out = (model.apply({"params": params}, jnp.asarray(x)) for x in (images, cast))
     np.testing.assert_allclose(out["features"][0], cast_out["features"][0], atol=1e-4, rtol=0)
@@ -190,7 +197,7 @@ def test_image_input_norm_cancels_a_per_channel_colour_cast():
 
 
 def test_bad_inputs_are_named():
-    model = DinoV2(DinoV2Arch(**TINY_ARCH), out_indices=(5,))
+    model = DinoV2(ARCHS["tiny"], out_indices=(5,))
     with pytest.raises(ValueError, match=r"out_indices \[5\]"):
         model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     with pytest.raises(ValueError, match="smaller than one 8px patch"):

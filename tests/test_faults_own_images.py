@@ -9,18 +9,15 @@ import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
+from train_helpers import tiny_segmentor
 
 from recyclelora_jax.data.transforms import keep_ratio_size
 from recyclelora_jax.evaluate import own_images
-from recyclelora_jax.heads import build_head
-from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
-from recyclelora_jax.models.segmentor import Segmentor
 
 
 @pytest.fixture(scope="module")
 def model_and_params():
-    backbone = DinoV2(DinoV2Arch(32, 1, 2, patch_size=8, pos_grid=4), out_indices=(0, 0, 0, 0))
-    model = Segmentor(backbone, build_head("linear", 19))
+    model = tiny_segmentor("linear")
     params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
     return model, params
 

@@ -5,23 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
+from train_helpers import tiny_segmentor
 
 from recyclelora_jax.config import TINY_MASK2FORMER
 from recyclelora_jax.heads import build_head, head_spec
 from recyclelora_jax.losses import LossConfig
-from recyclelora_jax.models.dinov2 import ARCHS, DinoV2
 from recyclelora_jax.models.segmentor import Segmentor
 
 K = 5
 CFG = LossConfig(num_classes=K, num_points=32)
 QUERIES = TINY_MASK2FORMER["num_queries"]
-
-
-def _model(head: str) -> Segmentor:
-    """The shared tiny model (``ARCHS["tiny"]``, ``config.TINY_MASK2FORMER``) with K classes."""
-    backbone = DinoV2(ARCHS["tiny"], out_indices=(0, 1, 2, 3), layerscale_init=1.0)
-    kwargs = TINY_MASK2FORMER if head == "mask2former" else {}
-    return Segmentor(backbone, build_head(head, K, **kwargs))
 
 
 def _batch(b=8, size=32):
@@ -43,7 +36,7 @@ def _paths(tree, prefix=()):
 
 @pytest.mark.parametrize("head", ["mask2former", "linear"])
 def test_segmentor_contract(head):
-    model = _model(head)
+    model = tiny_segmentor(head, K)
     images, _ = _batch(2)
     params = jax.jit(model.init)(jax.random.key(0), images)["params"]
     assert set(params) == {"backbone", "head"}
@@ -72,7 +65,7 @@ def test_build_head_unknown():
 def test_sharded_grad_equals_single_device(mesh8):
     """jax.grad on a batch sharded over 8 simulated devices == one device, within 1e-5
     (matching, point sampling and the batch-wide normalisers included)."""
-    model = _model("mask2former")
+    model = tiny_segmentor("mask2former", K)
     images, labels = _batch(8)
     params = jax.jit(model.init)(jax.random.key(0), images[:1])["params"]
 

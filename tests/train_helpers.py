@@ -1,4 +1,5 @@
-"""Shared pieces of the training tests: tiny synthetic datasets and a tiny config."""
+"""Shared pieces of the tests: tiny synthetic datasets, the tiny segmentor, a tiny training
+config and subprocess helpers."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from pathlib import Path
 
 import ml_collections
 
-from recyclelora_jax.config import apply_method, base_config, smoke
+from recyclelora_jax.config import TINY_MASK2FORMER, apply_method, base_config, smoke
 from recyclelora_jax.data.synthetic import prepare_synthetic_demo
+from recyclelora_jax.heads import build_head
+from recyclelora_jax.models.dinov2 import ARCHS, DinoV2
+from recyclelora_jax.models.segmentor import Segmentor
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,6 +27,16 @@ def make_data(root: Path) -> dict[str, tuple[str, Path]]:
     return prepare_synthetic_demo(
         root / "raw", root / "tfds", styles=("photo",), num_train=16, num_val=4, size=(96, 48)
     )
+
+
+def tiny_segmentor(head: str = "mask2former", num_classes: int = 19, **backbone) -> Segmentor:
+    """The project's tiny model as the smoke config builds it: ``ARCHS["tiny"]`` with every
+    block's tokens out and LayerScale 1 (so a random backbone's blocks matter), under
+    ``config.TINY_MASK2FORMER`` or the linear head; ``backbone`` sets other ``DinoV2`` fields
+    (a compute dtype)."""
+    kwargs = TINY_MASK2FORMER if head == "mask2former" else {}
+    backbone = {"out_indices": (0, 1, 2, 3), "layerscale_init": 1.0, **backbone}
+    return Segmentor(DinoV2(ARCHS["tiny"], **backbone), build_head(head, num_classes, **kwargs))
 
 
 def tiny_config(data: dict, method: str = "recyclelora", **train) -> ml_collections.ConfigDict:

@@ -429,3 +429,11 @@ _LINEAR_NAMES = {
 def linear_layer_paths(arch: DinoV2Arch) -> list[str]:
     """Every adaptable linear layer of the backbone, as module paths ``blocks_N/attn/qkv``."""
     return [f"blocks_{i}/{m}" for i in range(arch.depth) for m in _LINEAR_NAMES[arch.ffn]]
+
+
+def linear_layer_shapes(arch: DinoV2Arch) -> dict[str, tuple[int, int]]:
+    """``(in, out)`` of each linear layer of one block by its path in the block (``attn/qkv``),
+    for counts that need no parameters (FLOPs)."""
+    c, h = arch.embed_dim, arch.mlp_hidden
+    up = 2 * h if arch.ffn == "swiglu" else h  # w12 holds both SwiGLU branches
+    return dict(zip(_LINEAR_NAMES[arch.ffn], ((c, 3 * c), (c, c), (c, up), (h, c)), strict=True))

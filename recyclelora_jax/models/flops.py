@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from recyclelora_jax.models.adapters import AdapterLayout
-from recyclelora_jax.models.dinov2 import DinoV2Arch
+from recyclelora_jax.models.dinov2 import DinoV2Arch, linear_layer_shapes
 from recyclelora_jax.models.mask2former import NUM_LEVELS, PYRAMID_SCALES
 
 
@@ -63,17 +63,7 @@ def backbone_flops(
     train_kernels = mode == "full"
     specs = dict(adapters)
     total = matmul(patches, p * p * 3, c, train_kernels, input_grad=False)
-    h = arch.mlp_hidden
-    ffn = (
-        {"w12": (c, 2 * h), "w3": (h, c)}
-        if arch.ffn == "swiglu"
-        else {"fc1": (c, h), "fc2": (h, c)}
-    )
-    shapes = {
-        "attn/qkv": (c, 3 * c),
-        "attn/proj": (c, c),
-        **{f"mlp/{n}": s for n, s in ffn.items()},
-    }
+    shapes = linear_layer_shapes(arch)
     for i in range(max(out_indices) + 1):
         for name, (n_in, n_out) in shapes.items():
             total += matmul(t, n_in, n_out, train_kernels)
