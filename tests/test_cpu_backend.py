@@ -3,11 +3,11 @@ kernels made the Mask2Former head 2.2x slower than PyTorch's on CPU), a user's c
 
 import os
 import re
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
+from train_helpers import run_cli
 
 import recyclelora_jax  # noqa: F401  (the import is what sets the flag)
 
@@ -18,9 +18,8 @@ def _flags_after_import(xla_flags: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     if xla_flags is not None:
         env["XLA_FLAGS"] = xla_flags
-    out = subprocess.run(
-        [sys.executable, "-c", _SHOW_FLAGS], env=env, capture_output=True, text=True, check=True
-    )
+    out = run_cli([sys.executable, "-c", _SHOW_FLAGS], env=env)
+    assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
 

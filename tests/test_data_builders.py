@@ -2,7 +2,6 @@
 correctly mapped labels, in a process where importing TensorFlow is impossible."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -165,9 +164,9 @@ def _run(tmp: Path) -> dict:
 
 
 def test_builders_round_trip_without_tensorflow(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=200
-    )
+    from train_helpers import run_cli  # not at the top: this file also runs as that script
+
+    proc = run_cli([sys.executable, __file__, str(tmp_path)], timeout=200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {

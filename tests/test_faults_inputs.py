@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import subprocess
 import sys
 
 import cv2
@@ -15,11 +14,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from train_helpers import REPO, run_cli
 
 from recyclelora_jax.data import codecs, convert, synthetic
 from recyclelora_jax.data.prepare import prepare
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -133,11 +131,9 @@ main(sys.argv[1:])
 def test_killed_prepare_leaves_no_incomplete_folder_and_resumes(gtav, tmp_path):
     data_dir = tmp_path / "tfds"
     args = ["dg_gtav", f"--manual_dir={gtav}", f"--data_dir={data_dir}", "--num_workers=1"]
-    env = {**os.environ, "PYTHONPATH": REPO}
-    killed = subprocess.run(
-        [sys.executable, "-c", KILL_MID_CONVERSION, *args], env=env, capture_output=True
-    )
-    assert killed.returncode == -9
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    killed = run_cli([sys.executable, "-c", KILL_MID_CONVERSION, *args], env=env)
+    assert killed.returncode == -9, killed.stderr[-2000:]
     assert len(list((data_dir / "dg_prepare_cache").rglob("chunk*.npz"))) == 2
     assert not list(data_dir.rglob("incomplete.*"))
     # A writer killed after the conversion leaves an `incomplete.*` folder: the next run clears it.

@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from train_helpers import REPO, process_group, tiny_config, write_config_file
+from train_helpers import REPO, process_group, run_cli, tiny_config, write_config_file
 
 from recyclelora_jax import build
 from recyclelora_jax.convert import save_converted
@@ -118,12 +118,7 @@ def test_misspelt_workdir_is_named_and_not_created(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no checkpoints at {tmp_path / 'rnu'}"):
         restore_run(tmp_path / "rnu")
     assert not (tmp_path / "rnu").exists()
-    result = subprocess.run(
-        [sys.executable, str(REPO / "eval.py"), f"--workdir={tmp_path / 'rnu'}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_cli([sys.executable, str(REPO / "eval.py"), f"--workdir={tmp_path / 'rnu'}"])
     assert result.returncode != 0
     assert f"no checkpoints at {tmp_path / 'rnu' / 'checkpoints'}" in result.stderr
     assert not (tmp_path / "rnu").exists()

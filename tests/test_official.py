@@ -22,6 +22,7 @@ from _torch_dinov2 import TINY, fair_state_dict
 from mmengine.logging import MessageHub
 from mmengine.runner import load_checkpoint
 from scipy.stats import ks_2samp
+from train_helpers import run_cli
 
 from recyclelora_jax import build, load_mmseg_checkpoint, recipe
 from recyclelora_jax.config import METHODS, apply_method, base_config, smoke
@@ -424,7 +425,6 @@ def test_head_init_follows_mmdet():
 def test_eval_py_segments_a_folder_with_an_official_checkpoint(official, tmp_path):
     """``eval.py --checkpoint iter_40000.pth --images DIR``: the official checkpoint segments
     a folder (ids PNG at the photo's size, labels within the checkpoint's classes)."""
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -438,7 +438,7 @@ def test_eval_py_segments_a_folder_with_an_official_checkpoint(official, tmp_pat
     repo = Path(__file__).resolve().parent.parent
     args = [sys.executable, str(repo / "eval.py"), f"--checkpoint={path}",
             f"--images={photos}", f"--out={tmp_path / 'out'}", "--native_size"]  # fmt: skip
-    done = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    done = run_cli(args, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     ids = np.asarray(Image.open(tmp_path / "out" / "images" / "street_ids.png"))
     assert ids.shape == (24, 40) and ids.max() < _mmseg.NUM_CLASSES
