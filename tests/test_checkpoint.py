@@ -3,8 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
+from recyclelora_jax.train import checkpoint
 from recyclelora_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, abstract_like
 
 TREE = {"a": {"kernel": jnp.arange(6.0).reshape(2, 3)}, "b": jnp.ones(4)}
@@ -49,4 +51,28 @@ def test_mismatches_name_every_missing_unexpected_and_reshaped_leaf(tmp_path):
     assert "a/kernel: checkpoint shape (2, 3) != model shape (3, 3)" in message
     with pytest.raises(CheckpointMismatchError, match=r"item 'opt_state'.*missing mu/c"):
         ckpt.restore(abstract_like(TREE), abstract_like({"mu": {**TREE, "c": jnp.zeros(2)}}))
+    ckpt.close()
+
+
+def test_a_checkpoint_with_the_former_rng_entry_restores(tmp_path):
+    """Checkpoints written before the unused ``rng`` was dropped (b4de529) hold it beside the
+    step in their ``state`` item, checksummed: they restore, the entry ignored."""
+    old_state = {"step": np.asarray(3, np.int64), "rng": np.asarray([0, 7], np.uint32)}
+    arrays = {checkpoint.TRAINABLE: TREE, checkpoint.OPT_STATE: {"mu": TREE}}
+    arrays[checkpoint.STATE] = old_state
+    items = {checkpoint.DATA: {"state": "{}"}, checkpoint.META: {"step": 3}}
+    integrity = {name: checkpoint.array_checksums(tree) for name, tree in arrays.items()}
+    integrity |= {name: checkpoint.json_checksum(value) for name, value in items.items()}
+    items[checkpoint.INTEGRITY] = integrity
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    ckpt.manager.save(  # the layout Checkpointer.save wrote then
+        3,
+        args=ocp.args.Composite(
+            **{name: ocp.args.StandardSave(tree) for name, tree in arrays.items()},
+            **{name: ocp.args.JsonSave(value) for name, value in items.items()},
+        ),
+    )
+    restored = ckpt.restore(abstract_like(TREE), abstract_like({"mu": TREE}))
+    assert (restored.step, restored.meta, restored.data_iter) == (3, {"step": 3}, {"state": "{}"})
+    np.testing.assert_array_equal(restored.opt_state["mu"]["b"], TREE["b"])
     ckpt.close()

@@ -90,6 +90,11 @@ def test_every_import_points_down_and_there_are_no_cycles():
     for m, deps in graph.items():
         if m.startswith("models"):
             assert all(d.startswith("models") for d in deps), (m, deps)
+    # The loss shares its point sampling with deformable attention through models.sampling; it
+    # does not reach into the attention module (or any head) for it.
+    reached = {d for m, deps in graph.items() if m.startswith("losses") for d in deps}
+    assert not {d for d in reached if d.startswith(("models.msdeform", "models.mask2former"))}
+    assert "models.sampling" in reached
     seen: dict[str, int] = {}  # 1 = on the current path, 2 = done
 
     def visit(m: str, path: list[str]) -> None:
