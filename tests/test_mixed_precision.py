@@ -14,27 +14,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax.extend.core import jaxprs_in_params
+from train_helpers import tiny_segmentor
 
-from recyclelora_jax.config import TINY_MASK2FORMER
 from recyclelora_jax.losses import LossConfig, mask2former_loss
-from recyclelora_jax.models.dinov2 import DinoV2, DinoV2Arch
-from recyclelora_jax.models.mask2former import Mask2FormerHead
-from recyclelora_jax.models.segmentor import Segmentor
 
-ARCH = DinoV2Arch(embed_dim=64, depth=4, num_heads=2, patch_size=8, pos_grid=8)
 # Random points only (no importance sampling): a top-k over bf16 uncertainties would pick other
 # points, a discontinuity that says nothing about precision.
 LOSS = LossConfig(num_classes=19, num_points=256, importance_sample_ratio=0.0, oversample_ratio=1.0)
 STATISTICS = ("exp", "log", "log1p", "logistic", "reduce_max", "rsqrt")
-
-
-def _model(dtype) -> Segmentor:
-    # Layer scale 1 (as trained DINOv2 blocks are, not the 1e-5 init) so blocks matter in bf16.
-    backbone = DinoV2(ARCH, out_indices=(0, 1, 2, 3), dtype=dtype, layerscale_init=1.0)
-    # The shared tiny head (config.TINY_MASK2FORMER), here with two decoder layers.
-    tiny = {k: v for k, v in TINY_MASK2FORMER.items() if k != "loss"}
-    head = Mask2FormerHead(num_classes=19, **{**tiny, "decoder_layers": 2})
-    return Segmentor(backbone, head)
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +29,12 @@ def inputs():
     images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
     labels = jax.random.randint(jax.random.key(1), (2, 64, 64), 0, 4)
     labels = jnp.where(jnp.arange(64)[None, :, None] < 16, 255, labels)
-    params = jax.jit(_model(None).init)(jax.random.key(2), images)["params"]
+    params = jax.jit(tiny_segmentor().init)(jax.random.key(2), images)["params"]
     return images, labels, params
 
 
 def _loss_fn(dtype, images, labels):
-    model = _model(dtype)
+    model = tiny_segmentor(dtype=dtype)  # LayerScale 1: the blocks matter in bf16
 
     def loss(params):
         outputs = model.apply({"params": params}, images, train=True)
@@ -71,11 +58,11 @@ def test_bf16_loss_and_gradients_close_to_float32(inputs):
     assert all(v.dtype == jnp.bfloat16 for v in outputs.values())  # the head computes in bf16
     assert l16.dtype == jnp.float32  # ... and the loss reduces in float32
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))  # float32 parameters
-    # Measured: loss ~5e-4, head gradients 9 %, backbone gradients ~10 % (relative L2 over all
-    # leaves: 4 bf16 blocks, then the bf16 head and 3 matched prediction sets).
-    assert abs(float(l16 - l32)) / abs(float(l32)) < 2e-3
-    assert _relative(g32["head"], g16["head"]) < 0.15
-    assert _relative(g32["backbone"], g16["backbone"]) < 0.3
+    # Measured: loss 2.7e-4, head gradients 3.7 %, backbone gradients 7.0 % (relative L2 over
+    # all leaves: 4 bf16 blocks, then the bf16 head and 2 matched prediction sets); bounds ~2x.
+    assert abs(float(l16 - l32)) / abs(float(l32)) < 1e-3
+    assert _relative(g32["head"], g16["head"]) < 0.08
+    assert _relative(g32["backbone"], g16["backbone"]) < 0.15
 
 
 def _statistics_dtypes(jaxpr) -> collections.Counter:
