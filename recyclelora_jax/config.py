@@ -181,7 +181,7 @@ def base_config() -> ml_collections.ConfigDict:
         sampling="auto",  # bilinear point sampling, head and loss: gather, matmul; auto by backend
         remat=False,  # recompute the deformable sampling in the backward
         remat_layers=False,  # recompute every encoder/decoder layer in the backward
-        scan_layers=False,  # the encoder layers as one lax.scan: compiled once, same parameters
+        scan_layers=False,  # encoder layers, decoder rounds as lax.scans: compiled once
     )
 
     # The recipe: which layers get which adapters, then how every parameter trains (regex over

@@ -1,16 +1,19 @@
-"""``scan_layers``: the backbone blocks and the deformable encoder layers as one ``lax.scan`` each
-give the unrolled loop's outputs and gradients (float32, 1e-5) over the same parameter tree."""
+"""``scan_layers``: the backbone blocks, the deformable encoder layers and the decoder's rounds
+over the levels as one ``lax.scan`` each give the unrolled loop's outputs and gradients
+(float32, 1e-5) over the same parameter tree."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recyclelora_jax.config import TINY_MASK2FORMER
+from recyclelora_jax.config import TINY_MASK2FORMER, base_config, smoke
 from recyclelora_jax.models.adapters import AdapterSpec
 from recyclelora_jax.models.dinov2 import ARCHS, DinoV2, linear_layer_paths
 from recyclelora_jax.models.layer_scan import uniform_runs
 from recyclelora_jax.models.mask2former import Mask2FormerHead
+from recyclelora_jax.train import trainer
+from recyclelora_jax.train.sharding import make_mesh
 
 TOL = 1e-5
 TINY = ARCHS["tiny"]
@@ -89,11 +92,14 @@ def _head_outputs(model, params, features):
 
 
 @pytest.mark.parametrize("remat_layers", [False, True])
-def test_scanned_encoder_layers_match_the_loop(remat_layers):
-    """The tiny Mask2Former with 3 deformable encoder layers: one scan, every output set and
-    every gradient as unrolled, same parameter tree."""
-    hp = dict(TINY_MASK2FORMER, encoder_layers=3)
-    loop = Mask2FormerHead(5, **hp, remat_layers=remat_layers)
+@pytest.mark.parametrize(
+    ("layers", "scans"), [(dict(encoder_layers=3), 1), (dict(decoder_layers=7), 2)]
+)
+def test_scanned_head_layers_match_the_loop(layers, scans, remat_layers):
+    """The tiny Mask2Former with 3 deformable encoder layers (one scan) or 7 decoder layers
+    (two rounds over the 3 levels as one scan, the 7th unrolled; the one encoder layer a scan
+    too): every output set and every gradient as unrolled, same parameter tree."""
+    loop = Mask2FormerHead(5, **dict(TINY_MASK2FORMER, **layers), remat_layers=remat_layers)
     scanned = loop.clone(scan_layers=True)
     keys = jax.random.split(jax.random.key(3), 4)
     features = [jax.random.normal(k, (2, 4, 4, 16)) for k in keys]
@@ -101,6 +107,40 @@ def test_scanned_encoder_layers_match_the_loop(remat_layers):
     init_scanned = jax.eval_shape(scanned.init, jax.random.key(4), features)["params"]
     assert jax.tree.map(_spec, init_scanned) == jax.tree.map(_spec, params)
     params = _jitter(params, 5)
-    assert _scans(scanned, params, features) == 1 + _scans(loop, params, features)
+    assert _scans(scanned, params, features) == scans and _scans(loop, params, features) == 0
     got = _value_and_grad(scanned, params, features, _head_outputs)
     _assert_close(got, _value_and_grad(loop, params, features, _head_outputs))
+
+
+def _loss_and_grads(scan: bool) -> tuple:
+    """The training step's loss (``trainer.make_loss_fn``: smoke backbone with RecycleLoRA, tiny
+    Mask2Former with 4 decoder layers, the set loss) and its gradients to every trainable leaf,
+    at random parameters and a random batch, float32."""
+    cfg = smoke(base_config())
+    cfg.model.head.update(decoder_layers=4, scan_layers=scan)
+    cfg.data.crop_size = 32
+    setup, state, frozen, _ = trainer.abstract_train_state(cfg, make_mesh(**cfg.mesh))
+    random = lambda tree, seed: _jitter(
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree), seed
+    )
+    trainable, frozen = random(state["trainable"], 6), random(frozen, 7)
+    images = jax.random.normal(jax.random.key(8), (2, 32, 32, 3))
+    labels = jax.random.randint(jax.random.key(9), (2, 32, 32), 0, 21).astype(jnp.int32)
+    labels = jnp.where(labels >= 19, 255, labels)  # some ignored pixels
+    loss_fn = trainer.make_loss_fn(setup)
+    loss = lambda t: loss_fn(t, frozen, images, labels, jax.random.key(10))[0]
+    return jax.jit(jax.value_and_grad(loss))(trainable)
+
+
+def test_scanned_decoder_rounds_give_the_training_steps_gradients():
+    """``model.head.scan_layers`` through the loss the training step differentiates: one
+    scanned round of decoder layers plus one unrolled, then the set loss over all five
+    prediction sets: loss and every trainable gradient (adapters and head) as unrolled."""
+    got, want = _loss_and_grads(True), _loss_and_grads(False)
+    _assert_close(got, want)
+    assert (
+        float(
+            jnp.abs(got[1]["head"]["transformer_decoder"]["layers_1"]["ffn"]["fc1"]["kernel"]).max()
+        )
+        > 0
+    )

@@ -37,13 +37,19 @@ def uniform_runs(keys: Sequence[Hashable]) -> list[slice]:
 
 
 def scan_over_layers(
-    step: Callable[[Params, Carry, Any], Carry],
+    step: Callable[[Params, Carry, Any], Any],
     params: Sequence[Params],
     carry: Carry,
     xs: Any = None,
-) -> Carry:
+    with_outputs: bool = False,
+) -> Any:
     """``carry = step(params[i], carry, xs[i])`` for each layer in order, as one scan over the
-    stacked per-layer parameters (all of one `signature`) and the leading axis of ``xs``."""
+    stacked per-layer parameters (all of one `signature`) and the leading axis of ``xs``.
+
+    With ``with_outputs`` the step returns ``(carry, y)`` and the result is ``(carry, ys)``,
+    the per-layer ``y`` stacked along a leading axis."""
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
+    if with_outputs:
+        return jax.lax.scan(lambda c, p_x: step(p_x[0], c, p_x[1]), carry, (stacked, xs))
     body = lambda c, p_x: (step(p_x[0], c, p_x[1]), None)
     return jax.lax.scan(body, carry, (stacked, xs))[0]

@@ -301,6 +301,7 @@ class TransformerDecoder(nn.Module):
     num_queries: int = 100
     dtype: Any = None
     remat_layers: bool = False
+    scan_layers: bool = False  # full rounds over the levels as one scan (`_scanned_rounds`)
 
     @nn.compact
     def __call__(
@@ -334,23 +335,74 @@ class TransformerDecoder(nn.Module):
         )
         mask_embed = MaskEmbed(self.dim, dtype=dtype, name="mask_embed")
 
-        def predict(x, target):
-            h = norm(x)
-            masks = jnp.einsum("bqc,bhwc->bqhw", mask_embed(h), mask_features)
-            return class_embed(h), masks, attention_keep_mask(masks, target)
-
-        logits, masks, keep = predict(x, shapes[0])
-        all_logits, all_masks = [logits], [masks]
+        heads = (norm, mask_embed, class_embed)
+        logits, masks, keep = _predict(heads, mask_features, x, shapes[0])
+        all_logits, all_masks = [logits[None]], [masks[None]]
+        n = len(levels)
+        rounds = self.num_layers // n if self.scan_layers and not self.is_initializing() else 0
+        if rounds:
+            x, keep, (logits, masks) = self._scanned_rounds(
+                rounds, heads, x, keep, query_pos, memory, memory_pos, mask_features, shapes
+            )
+            all_logits.append(logits)
+            all_masks.append(masks)
         layer = nn.remat(DecoderLayer) if self.remat_layers else DecoderLayer
-        for i in range(self.num_layers):
-            lvl = i % len(levels)
+        for i in range(rounds * n, self.num_layers):
+            lvl = i % n
             x = layer(self.num_heads, self.ffn_dim, dtype, name=f"layers_{i}")(
                 x, query_pos, memory[lvl], memory_pos[lvl], keep
             )
-            logits, masks, keep = predict(x, shapes[(i + 1) % len(levels)])
-            all_logits.append(logits)
-            all_masks.append(masks)
-        return jnp.stack(all_logits), jnp.stack(all_masks)
+            logits, masks, keep = _predict(heads, mask_features, x, shapes[(i + 1) % n])
+            all_logits.append(logits[None])
+            all_masks.append(masks[None])
+        return jnp.concatenate(all_logits), jnp.concatenate(all_masks)
+
+    def _scanned_rounds(
+        self, rounds, heads, x, keep, query_pos, memory, memory_pos, mask_features, shapes
+    ):
+        """The first ``rounds`` full rounds over the levels (layer ``i`` reads level ``i % L``)
+        as one scan whose body is one round: its L layers see L different token counts, but
+        every round sees the same ones. Parameters stay ``layers_i`` (`layer_scan`); the
+        prediction heads are applied with their own parameters inside the body.
+
+        The round is recomputed in the backward (``jax.checkpoint``; with ``remat_layers``
+        each layer inside it too): a scan keeps its body's residuals (attention
+        probabilities, masks, projections) stacked over the rounds, which took twice the
+        unrolled layers' temporaries (6 layers, ``docs/BENCHMARKS.md``); recomputed, only the
+        carry is kept per round, below the unrolled layers' memory, for one more decoder
+        forward. Returns the carry after the rounds and the rounds' predictions
+        (rounds * L, ...)."""
+        n, variables = len(memory), self.variables["params"]
+        layer_apply = DecoderLayer(self.num_heads, self.ffn_dim, x.dtype, parent=None).apply
+        if self.remat_layers:  # as ``nn.remat(DecoderLayer)``: each layer, not the predictions
+            layer_apply = jax.checkpoint(layer_apply, prevent_cse=False)
+        heads = tuple(
+            (lambda h, m=m: m.clone(parent=None).apply({"params": variables[m.name]}, h))
+            for m in heads
+        )
+
+        def round_step(p, carry, _):
+            x, keep = carry
+            outs = []
+            for j in range(n):
+                x = layer_apply({"params": p[j]}, x, query_pos, memory[j], memory_pos[j], keep)
+                *out, keep = _predict(heads, mask_features, x, shapes[(j + 1) % n])
+                outs.append(out)
+            return (x, keep), jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+        round_step = jax.checkpoint(round_step, prevent_cse=False)
+        params = [[variables[f"layers_{r * n + j}"] for j in range(n)] for r in range(rounds)]
+        (x, keep), ys = scan_over_layers(round_step, params, (x, keep), with_outputs=True)
+        return x, keep, jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), ys)
+
+
+def _predict(heads, mask_features, x, size):
+    """Class logits, mask logits and the next layer's attention mask (at ``size``) of queries
+    ``x``, by the decoder's ``(norm, mask_embed, class_embed)``."""
+    norm, mask_embed, class_embed = heads
+    h = norm(x)
+    masks = jnp.einsum("bqc,bhwc->bqhw", mask_embed(h), mask_features)
+    return class_embed(h), masks, attention_keep_mask(masks, size)
 
 
 def attention_keep_mask(mask_logits: jax.Array, size: Sequence[int]) -> jax.Array:
@@ -399,8 +451,8 @@ class Mask2FormerHead(nn.Module):
     sampling: str = "auto"  # deformable attention's gather / matmul (`msdeform`); auto by backend
     # Recompute each encoder and decoder layer in the backward (keeps only layer inputs).
     remat_layers: bool = False
-    # The encoder layers as one scan, compiled once (`PixelDecoder._encoder`). The decoder
-    # layers stay unrolled: they alternate between three levels of different token counts.
+    # The encoder layers as one scan, compiled once (`PixelDecoder._encoder`), and the decoder
+    # layers as one scan over rounds of one layer per level (`TransformerDecoder._scanned_rounds`).
     scan_layers: bool = False
 
     @nn.compact
@@ -430,6 +482,7 @@ class Mask2FormerHead(nn.Module):
             self.num_queries,
             dtype,
             self.remat_layers,
+            self.scan_layers,
             name="transformer_decoder",
         )(levels, mask_features)
         return {
