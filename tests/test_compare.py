@@ -22,11 +22,13 @@ import time
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import stats
 from train_helpers import process_group, tiny_config
 
-from recyclelora_jax import compare
+from recyclelora_jax import analysis, compare
 from recyclelora_jax.analysis import effective_rank
+from recyclelora_jax.data.transforms import normalize
 from recyclelora_jax.export import restore_run
 
 METHODS, SEEDS, STEPS, BASELINE = ("recyclelora", "frozen"), (0, 1), 4, "frozen"
@@ -222,3 +224,36 @@ def test_method_and_seed_come_from_the_flags(comparison):
         compare.run_config(f"{comparison['config_file']}:seed=3", {}, "lora", 0)
     cfg = compare.run_config(str(comparison["config_file"]), {"train.steps": 7}, "lora", 1)
     assert (cfg.method, cfg.seed, cfg.train.steps) == ("lora", 1, 7)
+
+
+def test_feature_change_figures_of_a_trained_run(comparison, tmp_path):
+    """`analysis --run --image` on a comparison's trained run: one PNG per adapter, and the
+    explained-variance ratios of the change that removing each adapter's branch makes."""
+    run = compare.run_dir(comparison["workdir"], "recyclelora", 0)
+    pixels = np.random.default_rng(5).integers(0, 256, (52, 100, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "street.png")
+    out = tmp_path / "fig"
+    args = ["--run", str(run), "--image", str(tmp_path / "street.png"), "--out", str(out)]
+    summary = analysis.main(args)
+    model, params, _ = restore_run(run)
+    trained = jax.device_get(params["backbone"])
+    image = normalize(pixels[:48, :96])[None]  # cut to whole 8-px patches
+    full = model.backbone.apply({"params": trained}, image)["features"][-1][0]
+    for name in ("main", "sub"):
+        assert (out / f"feature_change_{name}.png").stat().st_size > 10_000
+        without = jax.tree.map(lambda x: x, trained)
+        for path, _ in model.backbone.adapters:
+            pair = analysis._layer(without, path)[f"adapter_{name}"]
+            pair["b"] = np.zeros_like(pair["b"])
+        rest = model.backbone.apply({"params": without}, image)["features"][-1][0]
+        change = np.asarray(full, np.float64) - np.asarray(rest, np.float64)
+        change = change.reshape(-1, change.shape[-1])
+        s = np.linalg.svd(change - change.mean(0), compute_uv=False)
+        ratios = summary["feature_change"][name]
+        np.testing.assert_allclose(ratios, s[:3] ** 2 / (s**2).sum(), rtol=1e-6)
+    saved = json.loads((out / "feature_change.json").read_text())
+    assert saved == summary
+    with pytest.raises(ValueError, match="has no adapters"):
+        analysis.feature_change_figures(
+            compare.run_dir(comparison["workdir"], "frozen", 0), tmp_path / "street.png", out
+        )
