@@ -27,6 +27,20 @@ Params = dict[str, Any]
 FORMAT_TAG = "recyclelora_jax.segmentor"
 
 
+def stored_config(meta: dict, where: Path) -> ml_collections.ConfigDict:
+    """The config a checkpoint was trained with. Checkpoints from before the recipe tables
+    (1 Dec 2026, commit f945239: a ``peft`` section instead of ``adapters``/``params``/
+    ``groups``) cannot be rebuilt by this version: refused by name, not with a KeyError."""
+    stored = meta["config"]
+    if "adapters" not in stored and "peft" in stored:
+        raise ValueError(
+            f"{where} was written before the recipe tables (its config has a 'peft' section, "
+            "no 'adapters'/'params'/'groups'), which this version cannot rebuild; evaluate or "
+            "export it with the version that wrote it (git checkout f945239~1), or retrain"
+        )
+    return ml_collections.ConfigDict(stored)
+
+
 def restore_run(
     workdir: str | Path, step: int | None = None, *, allow_other_base: bool = False
 ) -> tuple[Segmentor, Params, ml_collections.ConfigDict]:
@@ -37,7 +51,7 @@ def restore_run(
     ckpt = Checkpointer(Path(workdir) / "checkpoints", async_save=False, create=False)
     try:
         meta = ckpt.read_meta(step)
-        cfg = ml_collections.ConfigDict(meta["config"])
+        cfg = stored_config(meta, ckpt.directory)
         backbone, base = build.load_backbone_weights(cfg, cfg.seed)
         model, params = build.init_params(cfg, backbone, base, Path(workdir))
         part = recipe.partition(cfg, backbone.arch, params)

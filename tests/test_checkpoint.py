@@ -6,6 +6,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from recyclelora_jax import export
 from recyclelora_jax.train import checkpoint
 from recyclelora_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, abstract_like
 
@@ -76,3 +77,18 @@ def test_a_checkpoint_with_the_former_rng_entry_restores(tmp_path):
     assert (restored.step, restored.meta, restored.data_iter) == (3, {"step": 3}, {"state": "{}"})
     np.testing.assert_array_equal(restored.opt_state["mu"]["b"], TREE["b"])
     ckpt.close()
+
+
+def test_a_checkpoint_from_before_the_recipe_tables_is_refused_by_name(tmp_path):
+    """Configs stored before f945239 have a ``peft`` section and no recipe tables: restoring
+    such a run names the break and the way out instead of failing on a missing key."""
+    old_config = {"seed": 0, "peft": {"method": "recyclelora", "r_main": 32, "r_sub": 4}}
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    ckpt.save(2, trainable=TREE, opt_state={"mu": TREE}, data_iter={}, meta={"config": old_config})
+    ckpt.close()
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoints was written before the recipe tables.*"
+        r"git checkout f945239~1",
+    ):
+        export.restore_run(tmp_path)
