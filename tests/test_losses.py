@@ -200,8 +200,15 @@ def test_matmul_sampling_gives_the_gather_loss_and_gradients():
 
 
 def test_present_classes():
+    """By hand, then against the bincount of each clipped map that it replaces, on random maps
+    with ignored pixels, other ids and classes absent."""
     labels = jnp.asarray([[[0, 255], [4, 7]], [[255, 255], [255, 255]]])
     np.testing.assert_array_equal(present_classes(labels, K), [[1, 0, 0, 0, 1], [0, 0, 0, 0, 0]])
+    rng = np.random.default_rng(5)
+    maps = rng.choice([0, 2, 19, 25, 255], size=(6, 9, 7)).astype(np.int32)
+    maps[1] = 255
+    want = [np.bincount(np.clip(m.ravel(), 0, 19), minlength=20)[:19] > 0 for m in maps]
+    np.testing.assert_array_equal(present_classes(jnp.asarray(maps), 19), np.stack(want))
 
 
 def test_pixel_cross_entropy_matches_torch():

@@ -54,10 +54,13 @@ def check_labels(labels: jax.Array) -> None:
 
 
 def present_classes(labels: jax.Array, num_classes: int) -> jax.Array:
-    """(B, H, W) int labels -> (B, K) bool: which classes occur (ignore/other ids excluded)."""
-    lab = jnp.clip(labels.reshape(labels.shape[0], -1).astype(jnp.int32), 0, num_classes)
-    counts = jax.vmap(lambda x: jnp.bincount(x, length=num_classes + 1))(lab)
-    return counts[:, :num_classes] > 0
+    """(B, H, W) int labels -> (B, K) bool: which classes occur (ignore/other ids excluded).
+
+    A compare-and-reduce per class, not a ``bincount``: on TPU the bincount's scatter-add
+    gave the compiler's cost model a negative time estimate (and so the whole step none) and
+    8 GiB of counted traffic for 16 label maps (docs/BENCHMARKS.md)."""
+    lab = jnp.clip(labels.reshape(labels.shape[0], 1, -1).astype(jnp.int32), 0, num_classes)
+    return (lab == jnp.arange(num_classes)[None, :, None]).any(-1)
 
 
 def label_points(label: jax.Array, x: jax.Array, y: jax.Array, classes: jax.Array) -> jax.Array:
