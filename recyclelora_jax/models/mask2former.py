@@ -369,9 +369,9 @@ class TransformerDecoder(nn.Module):
         each layer inside it too): a scan keeps its body's residuals (attention
         probabilities, masks, projections) stacked over the rounds, which took twice the
         unrolled layers' temporaries (6 layers, ``docs/BENCHMARKS.md``); recomputed, only the
-        carry is kept per round, below the unrolled layers' memory, for one more decoder
-        forward. Returns the carry after the rounds and the rounds' predictions
-        (rounds * L, ...)."""
+        carry is kept per round, below the unrolled layers' memory (without ``remat_layers``;
+        with it the scan still takes more, cause not found), for one more decoder forward.
+        Returns the carry after the rounds and the rounds' predictions (rounds * L, ...)."""
         n, variables = len(memory), self.variables["params"]
         layer_apply = DecoderLayer(self.num_heads, self.ffn_dim, x.dtype, parent=None).apply
         if self.remat_layers:  # as ``nn.remat(DecoderLayer)``: each layer, not the predictions
