@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from recyclelora_jax import compare
 from recyclelora_jax.build import backbone_module, config_arch
 from recyclelora_jax.convert import save_converted
-from recyclelora_jax.data.pipeline import Source, make_train_loader
+from recyclelora_jax.data import codecs
+from recyclelora_jax.data.pipeline import MixedSource, Source
 from recyclelora_jax.data.synthetic import prepare_synthetic_once
-from recyclelora_jax.pretrain import pretrain_contrastive
+from recyclelora_jax.pretrain import native_crops, pretrain_contrastive
 
 
 def prepare_data(d: ml_collections.ConfigDict) -> Path:
@@ -51,18 +53,25 @@ def foundation_weights(cfg: ml_collections.ConfigDict, workdir: Path) -> Path:
     backbone = backbone_module(cfg, config_arch(cfg)).clone(
         input_norm=cfg.model.backbone.input_norm
     )
-    loader = make_train_loader(
+    # Every style's unlabelled train images, cropped at their stored scale (the scale every
+    # evaluation reads them at), never through train.py's scale jitter.
+    data = MixedSource(
         [
             Source(builder, split, str(Path(d.data_dir) / name))
             for name, builder, split in d.pretrain_sources
         ],
-        batch_size=d.pretrain_batch,
-        crop_size=(d.pretrain_crop, d.pretrain_crop),
-        seed=cfg.seed,
+        cfg.seed,
     )
-    images = (batch["image"] for batch in loader)
+    records = (data[i] for i in range(len(data)))
+    raw = np.stack([codecs.decode_image(r["image"], r["file_name"]) for r in records])
+    images = native_crops(raw, d.pretrain_crop, d.pretrain_batch, cfg.seed)
     params = pretrain_contrastive(
-        backbone, images, steps=d.pretrain_steps, lr=d.pretrain_lr, seed=cfg.seed
+        backbone,
+        images,
+        steps=d.pretrain_steps,
+        lr=d.pretrain_lr,
+        every_block=d.pretrain_every_block,
+        seed=cfg.seed,
     )
     workdir.mkdir(parents=True, exist_ok=True)
     save_converted(file, backbone, params)  # atomic: safetensors_file writes, then renames

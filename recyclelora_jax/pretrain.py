@@ -24,22 +24,37 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from recyclelora_jax.data.transforms import MEAN, STD
+from recyclelora_jax.data.transforms import MEAN, STD, normalize
 from recyclelora_jax.models.dinov2 import DinoV2
 
 
 class DenseContrast(nn.Module):
-    """Backbone plus a projection MLP on every patch token, L2-normalised."""
+    """Backbone plus a projection MLP on every patch token, L2-normalised: (L, B, N, D), one
+    level (the last block's normed tokens) or, with ``every_block``, one per block in the
+    backbone's ``out_indices`` (each LayerNormed, its own projection) -- the blocks a linear
+    probe reads."""
 
     backbone: DinoV2
     hidden: int = 256
     dim: int = 64
+    every_block: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array, masks: jax.Array | None = None) -> jax.Array:
-        x = self.backbone(images, masks)["x_norm_patchtokens"]
-        x = nn.Dense(self.dim)(nn.gelu(nn.Dense(self.hidden)(x)))
-        return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)
+        out = self.backbone(images, masks)
+        if self.every_block:
+            b = images.shape[0]
+            levels = [
+                nn.LayerNorm(use_scale=False, use_bias=False)(f.reshape(b, -1, f.shape[-1]))
+                for f in out["features"]
+            ]
+        else:
+            levels = [out["x_norm_patchtokens"]]
+        zs = []
+        for x in levels:
+            x = nn.Dense(self.dim)(nn.gelu(nn.Dense(self.hidden)(x)))
+            zs.append(x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6))
+        return jnp.stack(zs)
 
 
 def photometric_view(key: jax.Array, images: jax.Array) -> jax.Array:
@@ -78,6 +93,20 @@ def photometric_view(key: jax.Array, images: jax.Array) -> jax.Array:
     return (jnp.clip(x, 0, 1) - mean) / std
 
 
+def native_crops(images: np.ndarray, crop: int, batch: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Endless normalised batches (B, crop, crop, 3) of random crops of raw images (N, H, W, 3)
+    at their stored scale, half of them flipped: the scale every evaluation reads them at."""
+    rng = np.random.default_rng(seed)
+    h, w = images.shape[1:3]
+    while True:
+        out = []
+        for i in rng.choice(len(images), batch):
+            y, x = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
+            c = images[i, y : y + crop, x : x + crop]
+            out.append(c[:, ::-1] if rng.random() < 0.5 else c)
+        yield normalize(np.stack(out))
+
+
 def _crop(images: jax.Array, offsets: jax.Array, size: int) -> jax.Array:
     """Per-image square crops of side `size` at (row, col) pixel offsets (B, 2)."""
     return jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (size, size, 3)))(
@@ -97,7 +126,11 @@ def _aligned(grid: int, src: jax.Array, dst: jax.Array) -> tuple[jax.Array, jax.
 
 
 def dense_contrastive_loss(
-    za: jax.Array, zb: jax.Array, index: jax.Array, valid: jax.Array, temperature: float
+    za: jax.Array,
+    zb: jax.Array,
+    index: jax.Array,
+    valid: jax.Array,
+    temperature: float,
 ) -> jax.Array:
     """InfoNCE of each patch of view a (B, N, D) against every patch of view b in the batch,
     the positive being the same scene position (``index`` into b's grid, where ``valid``)."""
@@ -117,6 +150,7 @@ def pretrain_contrastive(
     shift: int = 2,
     mask_ratio: float = 0.3,
     temperature: float = 0.2,
+    every_block: bool = False,
     seed: int = 0,
     progress: bool = True,
     on_loss: Callable[[float], None] | None = None,
@@ -124,7 +158,7 @@ def pretrain_contrastive(
     """Train ``backbone`` on normalised image batches (B, S, S, 3); the two views of a batch are
     (S - shift·patch)-pixel crops at independent patch offsets. ``on_loss`` receives every
     step's loss. Returns the backbone's parameters (the projection is thrown away)."""
-    model = DenseContrast(backbone)
+    model = DenseContrast(backbone, every_block=every_block)
     first = np.asarray(next(batches))
     b, size = first.shape[0], first.shape[1]
     patch = backbone.arch.patch_size
@@ -151,10 +185,11 @@ def pretrain_contrastive(
         def loss_fn(params):
             za = model.apply({"params": params}, va, masks)
             zb = model.apply({"params": params}, vb)
-            return (
-                dense_contrastive_loss(za, zb, *ab, temperature)
-                + dense_contrastive_loss(zb, za, *ba, temperature)
-            ) / 2
+            return sum(
+                dense_contrastive_loss(za_l, zb_l, *ab, temperature)
+                + dense_contrastive_loss(zb_l, za_l, *ba, temperature)
+                for za_l, zb_l in zip(za, zb, strict=True)
+            ) / (2 * len(za))
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recyclelora_jax import pretrain
-from recyclelora_jax.data.transforms import MEAN, STD
+from recyclelora_jax.data.transforms import MEAN, STD, normalize
 from recyclelora_jax.models.dinov2 import ARCHS, DinoV2
 
 
@@ -44,6 +44,30 @@ def test_dense_contrastive_loss_matches_the_formula():
                 logits = flat_b @ za[b, i] / 0.2
                 terms.append(np.log(np.exp(logits).sum()) - logits[b * 5 + index[b, i]])
     np.testing.assert_allclose(float(got), np.mean(terms), rtol=1e-5)
+
+
+def test_native_crops_are_unscaled_windows_of_the_images():
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (3, 12, 20, 3), np.uint8)
+    batches = pretrain.native_crops(images, 8, 6, seed=0)
+    seen = set()
+    for _ in range(3):
+        batch = next(batches)
+        assert batch.shape == (6, 8, 8, 3) and batch.dtype == np.float32
+        for crop in batch:
+            found = [
+                (k, y, x, flip)
+                for k in range(3)
+                for y in range(5)
+                for x in range(13)
+                for flip in (False, True)
+                if np.allclose(
+                    crop, normalize(images[k, y : y + 8, x : x + 8][:, :: -1 if flip else 1])
+                )
+            ]
+            assert found, "a crop is not a window of an image at its stored scale"
+            seen.add(found[0][3])
+    assert seen == {False, True}  # both flipped and unflipped crops occur
 
 
 def test_photometric_views_keep_geometry_and_range():
