@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from recyclelora_jax import pretrain
 from recyclelora_jax.data.transforms import MEAN, STD, normalize
@@ -83,9 +84,11 @@ def test_photometric_views_keep_geometry_and_range():
     assert not np.allclose(view, other)  # two keys, two renderings
 
 
-def test_pretraining_lowers_the_loss_and_returns_a_backbone_tree():
+@pytest.mark.parametrize("every_block", [False, True])
+def test_pretraining_lowers_the_loss_and_returns_a_backbone_tree(every_block):
+    """With ``every_block`` the projection (and the loss) covers each block in ``out_indices``."""
     rng = np.random.default_rng(2)
-    backbone = DinoV2(ARCHS["tiny"], out_indices=(3,))
+    backbone = DinoV2(ARCHS["tiny"], out_indices=(1, 3) if every_block else (3,))
     # Smooth random images: a learnable signal (patch content) under photometric re-rendering.
     base = rng.standard_normal((8, 6, 6, 3)).astype(np.float32)
     images = np.asarray(jax.image.resize(base, (8, 48, 48, 3), "cubic"))
@@ -96,8 +99,17 @@ def test_pretraining_lowers_the_loss_and_returns_a_backbone_tree():
 
     losses = []
     params = pretrain.pretrain_contrastive(
-        backbone, batches(), steps=30, lr=3e-3, progress=False, on_loss=losses.append
+        backbone,
+        batches(),
+        steps=30,
+        lr=3e-3,
+        every_block=every_block,
+        progress=False,
+        on_loss=losses.append,
     )
+    model = pretrain.DenseContrast(backbone, every_block=every_block)
+    z, _ = model.init_with_output(jax.random.key(0), images[:1, :32, :32])
+    assert z.shape == (2 if every_block else 1, 1, 16, 64)  # (levels, batch, patches, dim)
     reference = backbone.init(jax.random.key(0), images[:1, :32, :32])["params"]
     assert jax.tree.structure(params) == jax.tree.structure(reference)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
