@@ -40,8 +40,8 @@ def get_config(arg=None):
         pretrain_crop=128,
         pretrain_lr=1e-3,
         pretrain_every_block=True,
-        # Three methods, three seeds of 120 steps: 9 min 9 s on a quiet 2-core CPU
-        # (docs/BENCHMARKS.md, "The demo as a comparison").
+        # Three methods, three seeds of 120 steps: 9 min 9 s on a quiet 2-core CPU with the
+        # 80-px pretraining before (docs/BENCHMARKS.md, "The demo as a comparison").
         methods=("recyclelora", "lora", "frozen"),
         seeds=(0, 1, 2),
         baseline="lora",
