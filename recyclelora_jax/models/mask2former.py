@@ -336,31 +336,26 @@ class TransformerDecoder(nn.Module):
         mask_embed = MaskEmbed(self.dim, dtype=dtype, name="mask_embed")
 
         heads = (norm, mask_embed, class_embed)
+        logits, masks, keep = _predict(heads, mask_features, x, shapes[0])
+        all_logits, all_masks = [logits[None]], [masks[None]]
         n = len(levels)
         rounds = self.num_layers // n if self.scan_layers and not self.is_initializing() else 0
-        # With scanned rounds each set leaves as its mask embeddings (B, Q, C), and all sets'
-        # mask logits are one einsum at the end: a scan's stacked (sets, B, Q, H4, W4) output
-        # and its cotangent would be extra full-size copies of the sets (`_scanned_rounds`).
-        deferred = rounds > 0
-        logits, embed, masks, keep = _predict(heads, mask_features, x, shapes[0])
-        all_logits, all_sets = [logits[None]], [(embed if deferred else masks)[None]]
         if rounds:
-            x, keep, (logits, embeds) = self._scanned_rounds(
+            x, keep, (logits, masks) = self._scanned_rounds(
                 rounds, heads, x, keep, query_pos, memory, memory_pos, mask_features, shapes
             )
             all_logits.append(logits)
-            all_sets.append(embeds)
+            all_masks.append(masks)
         layer = nn.remat(DecoderLayer) if self.remat_layers else DecoderLayer
         for i in range(rounds * n, self.num_layers):
             lvl = i % n
             x = layer(self.num_heads, self.ffn_dim, dtype, name=f"layers_{i}")(
                 x, query_pos, memory[lvl], memory_pos[lvl], keep
             )
-            logits, embed, masks, keep = _predict(heads, mask_features, x, shapes[(i + 1) % n])
+            logits, masks, keep = _predict(heads, mask_features, x, shapes[(i + 1) % n])
             all_logits.append(logits[None])
-            all_sets.append((embed if deferred else masks)[None])
-        sets = jnp.concatenate(all_sets)
-        return jnp.concatenate(all_logits), mask_logits(sets, mask_features) if deferred else sets
+            all_masks.append(masks[None])
+        return jnp.concatenate(all_logits), jnp.concatenate(all_masks)
 
     def _scanned_rounds(
         self, rounds, heads, x, keep, query_pos, memory, memory_pos, mask_features, shapes
@@ -376,10 +371,7 @@ class TransformerDecoder(nn.Module):
         unrolled layers' temporaries (6 layers, ``docs/BENCHMARKS.md``); recomputed, only the
         carry is kept per round, below the unrolled layers' memory (without ``remat_layers``;
         with it the scan still takes more, cause not found), for one more decoder forward.
-        Returns the carry after the rounds and the rounds' class logits and mask embeddings
-        (rounds * L, B, Q, ...): the mask logits are left to the caller, since stacked
-        per-round (B, Q, H4, W4) outputs and their cotangents cost more than the layers'
-        own memory under ``remat_layers`` (``docs/BENCHMARKS.md``)."""
+        Returns the carry after the rounds and the rounds' predictions (rounds * L, ...)."""
         n, variables = len(memory), self.variables["params"]
         layer_apply = DecoderLayer(self.num_heads, self.ffn_dim, x.dtype, parent=None).apply
         if self.remat_layers:  # as ``nn.remat(DecoderLayer)``: each layer, not the predictions
@@ -394,8 +386,8 @@ class TransformerDecoder(nn.Module):
             outs = []
             for j in range(n):
                 x = layer_apply({"params": p[j]}, x, query_pos, memory[j], memory_pos[j], keep)
-                logits, embed, _, keep = _predict(heads, mask_features, x, shapes[(j + 1) % n])
-                outs.append((logits, embed))
+                *out, keep = _predict(heads, mask_features, x, shapes[(j + 1) % n])
+                outs.append(out)
             return (x, keep), jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
         round_step = jax.checkpoint(round_step, prevent_cse=False)
@@ -405,18 +397,12 @@ class TransformerDecoder(nn.Module):
 
 
 def _predict(heads, mask_features, x, size):
-    """Class logits, mask embeddings, mask logits and the next layer's attention mask (at
-    ``size``) of queries ``x``, by the decoder's ``(norm, mask_embed, class_embed)``."""
+    """Class logits, mask logits and the next layer's attention mask (at ``size``) of queries
+    ``x``, by the decoder's ``(norm, mask_embed, class_embed)``."""
     norm, mask_embed, class_embed = heads
     h = norm(x)
-    embed = mask_embed(h)
-    masks = mask_logits(embed, mask_features)
-    return class_embed(h), embed, masks, attention_keep_mask(masks, size)
-
-
-def mask_logits(embed: jax.Array, mask_features: jax.Array) -> jax.Array:
-    """Mask logits (..., B, Q, h, w) of mask embeddings (..., B, Q, C) on (B, h, w, C) features."""
-    return jnp.einsum("...bqc,bhwc->...bqhw", embed, mask_features)
+    masks = jnp.einsum("bqc,bhwc->bqhw", mask_embed(h), mask_features)
+    return class_embed(h), masks, attention_keep_mask(masks, size)
 
 
 def attention_keep_mask(mask_logits: jax.Array, size: Sequence[int]) -> jax.Array:
