@@ -33,8 +33,9 @@ class AdaptedDense(nn.Module):
     """`y = x @ kernel + bias + scale * sum_i (x @ a_i) @ b_i`.
 
     `kernel` is the frozen residual kernel; each adapter `i` lives under `adapter_<name>` with
-    `a` (in, r) and `b` (r, out). The rank-r product `a @ b` is never formed, so a step costs
-    two thin matmuls per adapter instead of a full (in, out) update.
+    `a` (in, r) and `b` (r, out). The rank-r product `a @ b` is never formed, and the adapters
+    of a layer run as one concatenated (in, sum r) / (sum r, out) pair: two thin matmuls per
+    layer, not two per adapter.
     """
 
     features: int
@@ -53,28 +54,33 @@ class AdaptedDense(nn.Module):
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         y = x @ kernel.astype(dtype) + bias.astype(dtype)
-        update = None
-        for name, rank in self.spec.ranks:
-            adapter = _Adapter(rank, self.features, self.adapter_dtype, name=ADAPTER_PREFIX + name)
-            u = adapter(x)
-            update = u if update is None else update + u
-        if update is not None:
-            y = y + (self.spec.scale * update).astype(dtype)
-        return y
+        if not self.spec.ranks:
+            return y
+        pairs = [
+            _Adapter(rank, self.features, self.adapter_dtype, name=ADAPTER_PREFIX + name)(n_in)
+            for name, rank in self.spec.ranks
+        ]
+        a = jnp.concatenate([p[0] for p in pairs], axis=1).astype(dtype)
+        b = jnp.concatenate([p[1] for p in pairs], axis=0).astype(dtype)
+        # On (tokens, in), not (B, T, in): the weight gradients then contract one dimension,
+        # which XLA:CPU does in place, where contracting (B, T) made it copy the (B, T, out)
+        # output gradient into a transposed layout (docs/BENCHMARKS.md, training step).
+        h = (x.reshape(-1, n_in) @ a) * jnp.asarray(self.spec.scale, dtype)
+        return y + (h @ b).reshape(y.shape)
 
 
 class _Adapter(nn.Module):
-    """One low-rank pair; `x @ a @ b` in the compute dtype of `x`."""
+    """One low-rank pair's parameters `a` (in, r) and `b` (r, out)."""
 
     rank: int
     features: int
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        a = self.param("a", nn.initializers.zeros, (x.shape[-1], self.rank), self.param_dtype)
+    def __call__(self, n_in: int) -> tuple[jax.Array, jax.Array]:
+        a = self.param("a", nn.initializers.zeros, (n_in, self.rank), self.param_dtype)
         b = self.param("b", nn.initializers.zeros, (self.rank, self.features), self.param_dtype)
-        return (x @ a.astype(x.dtype)) @ b.astype(x.dtype)
+        return a, b
 
 
 def make_dense(
