@@ -46,17 +46,22 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def rounds(parts: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """One untimed call of each part, then ``repeats`` rounds of one timed call each."""
+def rounds(parts: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict]:
+    """One untimed call of each part, then ``repeats`` rounds of one timed call each: per part
+    the wall seconds, the system (kernel) seconds and the minor page faults of each call (a
+    buffer's first touch after the allocator handed fresh pages)."""
     for fn in parts.values():
         fn()
-    times = {name: [] for name in parts}
+    out = {name: {"wall": [], "sys": [], "faults": []} for name in parts}
     for _ in range(repeats):
         for name, fn in parts.items():
-            start = time.perf_counter()
+            use, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return times
+            wall, end = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+            out[name]["wall"].append(wall)
+            out[name]["sys"].append(end.ru_stime - use.ru_stime)
+            out[name]["faults"].append(end.ru_minflt - use.ru_minflt)
+    return out
 
 
 # ----------------------------------------------------------------------------------------- JAX
@@ -215,29 +220,38 @@ def spawn(framework: str, size: str, argv: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def medians(result: dict) -> dict[str, dict[str, float]]:
+    """``{measure: {part: median}}`` with the parts' sum under ``"sum of the parts"``."""
+    out = {}
+    for key in ("wall", "sys", "faults"):
+        m = {name: statistics.median(v[key]) for name, v in result["times"].items()}
+        m["sum of the parts"] = sum(m[n] for n in PARTS[:-1])
+        out[key] = m
+    return out
+
+
 def table(size: str, j: dict, t: dict) -> list[str]:
-    med = {k: statistics.median(v) for k, v in j["times"].items()}
-    ted = {k: statistics.median(v) for k, v in t["times"].items()}
+    jm, tm = medians(j), medians(t)
+    figures = dict(j["figures"])
+    figures["sum of the parts"] = {
+        "gb_accessed": sum(figures[n]["gb_accessed"] for n in PARTS[:-1])
+    }
     lines = [
         f"ViT-{size.upper()}: peak RSS JAX {j['peak_rss_gib']:.1f} GiB, torch "
         f"{t['peak_rss_gib']:.1f} GiB; JAX compile (parts and step) {j['compile_s']:.0f} s",
-        "| part | JAX s | torch s | JAX / torch | XLA GB accessed | XLA temp GiB |",
-        "|---|---|---|---|---|---|",
+        "| part | JAX s | torch s | JAX / torch | system s JAX / torch | minor faults k JAX / "
+        "torch | XLA GB accessed | XLA temp GiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name in PARTS[:-1]:
-        f = j["figures"][name]
+    for name in (*PARTS[:-1], "sum of the parts", PARTS[-1]):
+        jw, tw = jm["wall"][name], tm["wall"][name]
+        f = figures[name]
+        temp = f"{f['temp_gib']:.2f}" if "temp_gib" in f else ""
         lines.append(
-            f"| {name} | {med[name]:.3f} | {ted[name]:.3f} | {med[name] / ted[name]:.2f} | "
-            f"{f['gb_accessed']:.1f} | {f['temp_gib']:.2f} |"
+            f"| {name} | {jw:.3f} | {tw:.3f} | {jw / tw:.2f} | {jm['sys'][name]:.2f} / "
+            f"{tm['sys'][name]:.2f} | {jm['faults'][name] / 1e3:.0f} / "
+            f"{tm['faults'][name] / 1e3:.0f} | {f['gb_accessed']:.1f} | {temp} |"
         )
-    js, ts = (sum(m[n] for n in PARTS[:-1]) for m in (med, ted))
-    gb = sum(j["figures"][n]["gb_accessed"] for n in PARTS[:-1])
-    lines.append(f"| sum of the parts | {js:.3f} | {ts:.3f} | {js / ts:.2f} | {gb:.1f} | |")
-    f = j["figures"]["step"]
-    lines.append(
-        f"| whole step | {med['step']:.3f} | {ted['step']:.3f} | {med['step'] / ted['step']:.2f} "
-        f"| {f['gb_accessed']:.1f} | {f['temp_gib']:.2f} |"
-    )
     return lines
 
 
