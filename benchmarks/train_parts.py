@@ -103,12 +103,15 @@ def run_jax(size: str, args: argparse.Namespace) -> dict:
     like = lambda tree, seed: jax.tree.map(  # a fixed random cotangent shaped like ``tree``
         lambda x: 1e-3 * jax.random.normal(jax.random.key(seed), x.shape, x.dtype), tree
     )
+    # Arguments, not closures: closed-over arrays would be compile-time constants to fold.
     features = jax.jit(
-        lambda: model.backbone.apply({"params": recipe.merge_trees(bb_train, bb_frozen)}, images)[
+        lambda tr, fr, images: model.backbone.apply({"params": recipe.merge_trees(tr, fr)}, images)[
             "features"
         ]
-    )()
-    outputs = jax.jit(lambda: model.head.apply({"params": head_params}, features, train=True))()
+    )(bb_train, bb_frozen, images)
+    outputs = jax.jit(
+        lambda params, features: model.head.apply({"params": params}, features, train=True)
+    )(head_params, features)
     grads = like(trainable, 3)
     # Own copies: the optimizer part and the step donate (delete) their state arguments.
     step_state = {"run": jax.tree.map(jnp.copy, state)}
