@@ -18,7 +18,13 @@ from recyclelora_jax.losses import (
     pixel_cross_entropy,
     set_loss_terms,
 )
-from recyclelora_jax.losses.mask2former_loss import present_classes, sample_loss_points
+from recyclelora_jax.losses.mask2former_loss import (
+    corner_classes,
+    label_points,
+    most_uncertain,
+    present_classes,
+    sample_loss_points,
+)
 
 K, Q = 5, 12
 CFG = LossConfig(num_classes=K, num_points=40)
@@ -197,6 +203,78 @@ def test_matmul_sampling_gives_the_gather_loss_and_gradients():
     for name, a in g0.items():
         scale = float(jnp.abs(a).max())
         np.testing.assert_allclose(g1[name], a, rtol=0, atol=1e-5 * scale, err_msg=name)
+
+
+def test_label_points_are_grid_sample_of_the_binary_masks():
+    """One int8 code per point (``corner_classes``) against torch's ``grid_sample`` of each
+    ``label == k`` mask (align_corners=False, zero padding), for per-class and shared points,
+    points beyond the border included; ignore pixels and ids >= K are no class."""
+    rng = np.random.default_rng(7)
+    labels = _labels(rng, 2, 12, 8)
+    labels[0, 0, :3] = 40
+    codes = corner_classes(jnp.asarray(labels), K)
+    assert codes.dtype == jnp.int8 and codes.shape == (2, K, 13, 9)
+    x, y = (rng.uniform(-0.2, 1.2, (K, 300)).astype(np.float32) for _ in range(2))
+    x[:, :3], y[:, :3] = [0.0, 1.0, 0.5], [1.0, 0.0, 0.5]  # corners and the centre
+    for lab, code in zip(labels, codes, strict=True):
+        masks = torch.from_numpy((lab[None] == np.arange(K)[:, None, None]).astype(np.float32))
+        grid = torch.from_numpy(np.stack([x, y], -1) * 2 - 1)[:, None]  # (K, 1, P, 2)
+        want = torch.nn.functional.grid_sample(masks[:, None], grid, align_corners=False)
+        want = want[:, 0, 0].numpy()
+        np.testing.assert_allclose(
+            label_points(code, jnp.asarray(x), jnp.asarray(y)), want, atol=1e-6
+        )
+        shared = label_points(code, jnp.asarray(x[0]), jnp.asarray(y[0]))
+        grid0 = torch.from_numpy(np.stack([x[0], y[0]], -1) * 2 - 1)[None, None].expand(K, 1, -1, 2)
+        want0 = torch.nn.functional.grid_sample(masks[:, None], grid0, align_corners=False)
+        np.testing.assert_allclose(shared, want0[:, 0, 0].numpy(), atol=1e-6)
+
+
+def test_sort_selects_the_top_k_points():
+    """The TPU form (a stable sort carrying the coordinates) picks the same points, in the same
+    order, as ``lax.top_k`` and a gather, ties (a few distinct values) included."""
+    rng = np.random.default_rng(8)
+    u = jnp.asarray(-rng.integers(0, 6, (3, K, 301)).astype(np.float32))
+    u = u.at[0, 0].set(-jnp.abs(jnp.asarray(rng.normal(size=301), jnp.float32)))
+    x, y = (jnp.asarray(rng.random((3, K, 301)), jnp.float32) for _ in range(2))
+    want = most_uncertain(u, x, y, 100, sort=False)
+    got = jax.jit(most_uncertain, static_argnums=(3, 4))(u, x, y, 100, True)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _primitives(jaxpr) -> list:
+    """Every equation of a jaxpr and of the jaxprs inside it (maps, scans, remat, pjit)."""
+    out = []
+    for eqn in jaxpr.eqns:
+        out.append(eqn)
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, tuple | list) else (v,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    out += _primitives(sub)
+    return out
+
+
+@pytest.mark.parametrize("sampling", ["gather", "matmul"])
+def test_loss_reads_no_label_and_no_coordinate_by_index(sampling):
+    """What the TPU forms removed, in the traced loss and its gradient: no gather from the int32
+    label map (codes are int8), and with ``matmul`` no top-k and no gather of the oversampled
+    coordinates (a sort carries them)."""
+    cfg = dataclasses.replace(CFG, sampling=sampling)
+    labels = jnp.asarray(_labels(np.random.default_rng(9)))
+    outputs = _outputs(np.random.default_rng(9), 2)
+    fn = jax.grad(lambda o: mask2former_loss(o, labels, jax.random.key(0), cfg)[0])
+    eqns = _primitives(jax.make_jaxpr(fn)(outputs).jaxpr)
+    gathers = [e for e in eqns if e.primitive.name == "gather"]
+    assert gathers and not [e for e in gathers if e.invars[0].aval.dtype == jnp.int32]
+    assert any(e.invars[0].aval.dtype == jnp.int8 for e in gathers)
+    over = [e for e in gathers if e.invars[0].aval.shape[-1] == cfg.num_oversampled]
+    top_k = [e for e in eqns if e.primitive.name == "top_k"]
+    if sampling == "matmul":
+        assert not over and not top_k and any(e.primitive.name == "sort" for e in eqns)
+    else:
+        assert over and top_k
 
 
 def test_present_classes():

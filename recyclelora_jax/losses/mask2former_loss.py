@@ -1,8 +1,9 @@
 """Mask2Former's set loss (mmdet recipe, RECIPE.md §4) with static shapes, plus pixel cross-entropy.
 
-Targets are never materialised as (B, K, H, W) masks: a semantic target "class k" sampled at a
-point is the bilinear weight of the corners whose label is k, which is exactly ``grid_sample`` of
-the binary mask ``labels == k``. Every image has K target slots (one per class) and a validity
+Targets are never materialised as (B, K, H, W) float masks: a semantic target "class k" sampled
+at a point is the bilinear weight of the corners whose label is k, which is exactly
+``grid_sample`` of the binary mask ``labels == k``; the corners' classes are read as one int8 code
+per point (``corner_classes``). Every image has K target slots (one per class) and a validity
 mask, so the loss jits, vmaps over the batch and shards with it.
 """
 
@@ -18,6 +19,7 @@ from recyclelora_jax.losses.matching import hungarian_match
 from recyclelora_jax.models.resize import resize_bilinear
 from recyclelora_jax.models.sampling import (
     bilinear_corners,
+    cell_origin,
     resolve_sampling,
     sample_points,
     sample_points_matmul,
@@ -37,7 +39,9 @@ class LossConfig:
     num_points: int = 12544
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
-    sampling: str = "auto"  # point sampling of the mask logits: gather, matmul, auto (backend)
+    # point sampling of the mask logits: gather, matmul (the TPU forms: interpolation-weight
+    # matmuls, uncertain points chosen by a sort), auto (by backend)
+    sampling: str = "auto"
 
     @property
     def num_uncertain(self) -> int:
@@ -63,16 +67,36 @@ def present_classes(labels: jax.Array, num_classes: int) -> jax.Array:
     return (lab == jnp.arange(num_classes)[None, :, None]).any(-1)
 
 
-def label_points(label: jax.Array, x: jax.Array, y: jax.Array, classes: jax.Array) -> jax.Array:
-    """``grid_sample`` of the binary mask ``label == class`` at points (x, y), without the mask.
+def corner_classes(labels: jax.Array, num_classes: int) -> jax.Array:
+    """(B, H, W) labels -> (B, K, H + 1, W + 1) int8 codes of the bilinear cells: entry
+    (k, y + 1, x + 1) has bit c set where corner c (``bilinear_corners``' order) of the cell
+    whose top-left pixel is (y, x) has class k; pixels outside the map have no class.
 
-    label (H, W); x, y (..., P); ``classes`` broadcasts against (..., P), e.g. (K, 1) with
-    points (P,) gives every class at shared points -> (K, P).
-    """
-    h, w = label.shape
-    idx, wts = bilinear_corners(x, y, h, w)
-    corner_labels = label.reshape(-1)[idx]
-    return sum(wts[c] * (corner_labels[c] == classes) for c in range(4))
+    Built once per batch for every set, so ``label_points`` reads one int8 per point instead of
+    four int32 labels: on TPU the compiler counts each gathered element at about a tile, and the
+    four-label gather was 20.5 of the recipe's 31 GiB per set (docs/BENCHMARKS.md)."""
+    h, w = labels.shape[1:]
+    hit = labels[:, None] == jnp.arange(num_classes)[None, :, None, None]
+    hit = jnp.pad(hit, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    return sum(
+        hit[:, :, dy : dy + h + 1, dx : dx + w + 1].astype(jnp.int8) << (2 * dy + dx)
+        for dy in (0, 1)
+        for dx in (0, 1)
+    )
+
+
+def label_points(codes: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
+    """``grid_sample`` of the binary masks ``label == k`` of one image at points (x, y), from its
+    ``corner_classes`` codes (K, H + 1, W + 1) -> (K, P) float32: points (K, P) are each class's
+    own, points (P,) are shared by all classes."""
+    k, h, w = codes.shape[0], codes.shape[1] - 1, codes.shape[2] - 1
+    x0, y0 = cell_origin(x, y, h, w)
+    # A cell clipped here has all four corners outside the map: weight 0 whatever it reads.
+    cell = (jnp.clip(y0, -1, h - 1) + 1) * (w + 1) + jnp.clip(x0, -1, w - 1) + 1
+    cell, codes = cell.astype(jnp.int32), codes.reshape(k, -1)
+    code = codes[:, cell] if cell.ndim == 1 else jnp.take_along_axis(codes, cell, axis=-1)
+    _, wts = bilinear_corners(x, y, h, w)
+    return sum(wts[c] * ((code >> c) & 1) for c in range(4))
 
 
 def _bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -92,7 +116,7 @@ def _sample(maps: jax.Array, x: jax.Array, y: jax.Array, sampling: str) -> jax.A
     return sample_points(maps, x, y)
 
 
-def _match_cost(cls_logits, mask_logits, label, x, y, cfg: LossConfig):
+def _match_cost(cls_logits, mask_logits, codes, x, y, cfg: LossConfig):
     """Per image: cost 2*class + 5*mask-BCE + 5*dice on shared uniform points -> (Q, K).
 
     The Q masks are sampled at the shared points as rows of the (h*w, Q) transposed maps: a
@@ -102,7 +126,7 @@ def _match_cost(cls_logits, mask_logits, label, x, y, cfg: LossConfig):
     idx, wts = bilinear_corners(x, y, h, w)  # (4, P)
     rows = mask_logits.reshape(q, h * w).T[idx]  # (4, P, Q)
     pred = (rows.astype(jnp.float32) * wts[..., None]).sum(0)  # (P, Q)
-    tgt = label_points(label, x, y, jnp.arange(k)[:, None])  # (K, P)
+    tgt = label_points(codes, x, y)  # (K, P)
     n = x.shape[0]
     cost_mask = (jax.nn.softplus(-pred).T @ tgt.T + jax.nn.softplus(pred).T @ (1.0 - tgt).T) / n
     sig = jax.nn.sigmoid(pred)
@@ -111,41 +135,52 @@ def _match_cost(cls_logits, mask_logits, label, x, y, cfg: LossConfig):
     return cfg.class_weight * -prob + cfg.mask_weight * cost_mask + cfg.dice_weight * cost_dice
 
 
-def _mask_terms(mask_logits, label, match, valid, over, rand, cfg: LossConfig):
+def most_uncertain(uncertainty: jax.Array, x: jax.Array, y: jax.Array, n: int, sort: bool):
+    """The points (x, y) of the ``n`` largest ``uncertainty`` along the last axis, in
+    ``lax.top_k``'s order (largest first, ties by index). ``sort``: by a stable sort that carries
+    the coordinates, the same points without gathering them by the top-k indices (on TPU the
+    compiler counts that gather at 7.9 GiB per set at the recipe's sizes, the sort at 0.26)."""
+    if sort:
+        _, x, y = jax.lax.sort((-uncertainty, x, y), dimension=-1, is_stable=True, num_keys=1)
+        return x[..., :n], y[..., :n]
+    _, top = jax.lax.top_k(uncertainty, n)
+    return jnp.take_along_axis(x, top, -1), jnp.take_along_axis(y, top, -1)
+
+
+def _mask_terms(mask_logits, codes, match, valid, over, rand, cfg: LossConfig):
     """Per image: summed point BCE and dice of the matched pairs on importance-sampled points
     (``over``, ``rand``: (2, K, P') coordinates)."""
-    k = cfg.num_classes
     pred = mask_logits[match]  # (K, h, w), target slot k <- its matched query
     uncertainty = -jnp.abs(_sample(jax.lax.stop_gradient(pred), *over, cfg.sampling))
-    _, top = jax.lax.top_k(uncertainty, cfg.num_uncertain)
+    tpu = resolve_sampling(cfg.sampling, jax.default_backend()) == "matmul"
+    top = most_uncertain(uncertainty, *over, cfg.num_uncertain, sort=tpu)
     x, y = (
-        jax.lax.stop_gradient(jnp.concatenate([jnp.take_along_axis(o, top, 1), r], 1))
-        for o, r in zip(over, rand, strict=True)
+        jax.lax.stop_gradient(jnp.concatenate([o, r], 1)) for o, r in zip(top, rand, strict=True)
     )
     logits = _sample(pred, x, y, cfg.sampling)  # (K, P)
-    targets = label_points(label, x, y, jnp.arange(k)[:, None])
+    targets = label_points(codes, x, y)
     bce = jnp.where(valid, _bce(logits, targets).mean(-1), 0.0).sum()
     dice = jnp.where(valid, _dice(logits, targets), 0.0).sum()
     return bce, dice
 
 
-def set_match(class_logits, mask_logits, labels, match_points, cfg: LossConfig) -> jax.Array:
-    """Cost matrices (B, Q, K) of one prediction set (see ``set_loss_terms``)."""
+def set_match(class_logits, mask_logits, codes, match_points, cfg: LossConfig) -> jax.Array:
+    """Cost matrices (B, Q, K) of one prediction set (see ``set_loss_terms``); ``codes``:
+    ``corner_classes`` of the labels."""
     b, q, kp1 = class_logits.shape
-    if kp1 != cfg.num_classes + 1 or mask_logits.shape[:2] != (b, q) or labels.shape[0] != b:
+    if kp1 != cfg.num_classes + 1 or mask_logits.shape[:2] != (b, q) or codes.shape[0] != b:
         raise ValueError(
             f"class logits {class_logits.shape}, masks {mask_logits.shape}, labels "
-            f"{labels.shape} do not fit {cfg.num_classes} classes + no-object"
+            f"{codes.shape[:1]} do not fit {cfg.num_classes} classes + no-object"
         )
     x, y = match_points
-    return jax.vmap(lambda *a: _match_cost(*a, cfg))(class_logits, mask_logits, labels, x, y)
+    return jax.vmap(lambda *a: _match_cost(*a, cfg))(class_logits, mask_logits, codes, x, y)
 
 
-def set_terms(class_logits, mask_logits, labels, match, over_points, rand_points, cfg):
+def set_terms(class_logits, mask_logits, codes, valid, match, over_points, rand_points, cfg):
     """The three unweighted terms of one set given its matching (B, K) (``set_loss_terms``)."""
     b, q, _ = class_logits.shape
     k = cfg.num_classes
-    valid = present_classes(labels, k)
     targets = jnp.full((b, q), k, jnp.int32)
     targets = jax.vmap(lambda t, m, v: t.at[m].set(jnp.where(v, jnp.arange(k), k)))(
         targets, match, valid
@@ -154,7 +189,7 @@ def set_terms(class_logits, mask_logits, labels, match, over_points, rand_points
     logp = jax.nn.log_softmax(class_logits, -1)
     ce = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
     bce, dice = jax.vmap(lambda *a: _mask_terms(*a, cfg), in_axes=(0, 0, 0, 0, 1, 1))(
-        mask_logits, labels, match, valid, over_points, rand_points
+        mask_logits, codes, match, valid, over_points, rand_points
     )
     num_masks = jnp.maximum(valid.sum(), 1).astype(class_logits.dtype)
     return {
@@ -182,9 +217,11 @@ def set_loss_terms(
     terms are summed over matched pairs and divided by the number of targets in the batch (at
     least 1).
     """
-    cost = set_match(class_logits, mask_logits, labels, match_points, cfg)
-    match = jax.vmap(hungarian_match)(cost, present_classes(labels, cfg.num_classes))
-    return set_terms(class_logits, mask_logits, labels, match, over_points, rand_points, cfg)
+    codes, valid = corner_classes(labels, cfg.num_classes), present_classes(labels, cfg.num_classes)
+    match = jax.vmap(hungarian_match)(
+        set_match(class_logits, mask_logits, codes, match_points, cfg), valid
+    )
+    return set_terms(class_logits, mask_logits, codes, valid, match, over_points, rand_points, cfg)
 
 
 def sample_loss_points(key: jax.Array, batch: int, cfg: LossConfig) -> tuple[jax.Array, ...]:
@@ -218,15 +255,16 @@ def mask2former_loss(
     batch = logits.shape[1]
     points = lambda key: sample_loss_points(key, batch, cfg)
 
+    codes = corner_classes(labels, cfg.num_classes)
     cost = jax.lax.map(
-        lambda a: set_match(a[0], a[1], labels, points(a[2])[0], cfg), (logits, masks, keys)
+        lambda a: set_match(a[0], a[1], codes, points(a[2])[0], cfg), (logits, masks, keys)
     )
     valid = present_classes(labels, cfg.num_classes)
     match = jax.vmap(jax.vmap(hungarian_match), (0, None))(cost, valid)
 
     def one_set(args):
         lg, mk, mt, key = args
-        return set_terms(lg, mk, labels, mt, *points(key)[1:], cfg)
+        return set_terms(lg, mk, codes, valid, mt, *points(key)[1:], cfg)
 
     terms = jax.lax.map(one_set, (logits, masks, match, keys))
     weighted = {

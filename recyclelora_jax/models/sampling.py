@@ -27,6 +27,12 @@ def resolve_sampling(name: str, platform: str) -> str:
     return name
 
 
+def cell_origin(x: jax.Array, y: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
+    """Pixel column and row (float) of the top-left corner of the bilinear cell around each point:
+    ``bilinear_corners``' corners are this pixel, its right, lower and lower-right neighbours."""
+    return jnp.floor(x * width - 0.5), jnp.floor(y * height - 0.5)
+
+
 def bilinear_corners(
     x: jax.Array, y: jax.Array, height: int, width: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -36,9 +42,8 @@ def bilinear_corners(
     ``2p - 1``. Corners outside the map get weight 0 and a clipped (valid) index, which is
     ``padding_mode="zeros"``. Returns int32 (4, ...) and float (4, ...).
     """
-    x, y = x * width - 0.5, y * height - 0.5
-    x0, y0 = jnp.floor(x), jnp.floor(y)
-    fx, fy = x - x0, y - y0
+    x0, y0 = cell_origin(x, y, height, width)
+    fx, fy = x * width - 0.5 - x0, y * height - 0.5 - y0
     idx, wts = [], []
     for dy, wy in ((0, 1.0 - fy), (1, fy)):
         for dx, wx in ((0, 1.0 - fx), (1, fx)):
