@@ -180,8 +180,8 @@ def test_adapter_hook_places_adapters_and_rejects_unknown_layers():
 
 @pytest.mark.parametrize(("dtype", "tol"), [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_adapted_dense_gradients_match_autodiff(dtype, tol):
-    """The concatenated main+sub pair with its written backward (`adapters.low_rank`) against
-    autodiff of the per-adapter formula ``x K + b + s sum_i (x a_i) b_i`` in the same compute
+    """The concatenated main+sub pair on 2-D (tokens, in) (``AdaptedDense``) against autodiff
+    of the per-adapter formula ``x K + b + s sum_i (x a_i) b_i`` in the same compute
     dtype: output, input and every adapter gradient (relative max-abs; bf16 within its rounding),
     and the parameter tree keeps one ``adapter_<name>`` leaf pair per adapter."""
     spec = AdapterSpec((("main", 6), ("sub", 2)), scale=0.125)
