@@ -4,7 +4,9 @@ are not facts), and one way of timing repeated calls."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -42,3 +44,14 @@ def time_calls(fn: Callable[[], object], repeats: int) -> tuple[float, list[floa
         out = fn()
         runs.append(time.perf_counter() - start)
     return first, runs, out
+
+
+def run_child(script: str, argv: list[str]) -> dict:
+    """Run ``script argv`` in a fresh interpreter and parse its last stdout line as JSON: each
+    framework in its own process, so neither holds the other's memory or thread pools. A
+    failed child gives ``{"error": ...}`` (its stderr tail is echoed) instead of a row."""
+    done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True)
+    if done.returncode:
+        sys.stderr.write(done.stderr[-4000:])
+        return {"error": f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])

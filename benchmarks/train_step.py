@@ -27,11 +27,10 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
-from quiet import QUIET, check_load
+from quiet import QUIET, check_load, run_child
 from step_builders import (
     add_step_args,
     check_step_args,
@@ -123,15 +122,6 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def spawn(framework: str, size: str, argv: list[str]) -> dict:
-    cmd = [sys.executable, __file__, *argv, "--child", framework, size]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        sys.stderr.write(done.stderr[-4000:])
-        return {"error": f"exit {done.returncode}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def row(size: str, args: argparse.Namespace, j: dict, t: dict) -> str:
     if "error" in j or "error" in t:
         return (
@@ -159,7 +149,7 @@ def main() -> None:
     lines, versions = [], {}
     for size in args.sizes.split(","):
         load = os.getloadavg()[0]
-        j, t = spawn("jax", size, argv), spawn("torch", size, argv)
+        j, t = (run_child(__file__, [*argv, "--child", f, size]) for f in ("jax", "torch"))
         versions.update({k: r["version"] for k, r in (("jax", j), ("torch", t)) if "version" in r})
         lines.append(row(size, args, j, t))
         print(
