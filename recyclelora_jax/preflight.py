@@ -11,6 +11,14 @@ of ``models.flops``, bytes accessed, its time estimate with the images/s and MFU
 the compile time and the collectives in the program; then the same for the backbone, the head
 and the loss compiled alone and for the sliding-window evaluation step. It exits with status 1
 when the training step does not fit the chip.
+
+``cost_analysis()`` counts a ``while`` body once, so the costs of a program with loops (scanned
+layers, the loss's prediction sets) are not the program's: the table marks them with ``*`` and
+counts the loops. ``--unrolled_costs`` compiles each program a second time with the package's loops
+unrolled (``models.loops``: the same computation, every trip counted) and takes FLOPs, bytes and
+the estimate from it; memory, compile time and collectives stay those of the program train.py
+runs. Loops left in the unrolled program are still counted once: the matcher's (microseconds on
+a TPU) and, on a CPU, the random-bit generator's rounds.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from ml_collections import config_flags
 
 from recyclelora_jax import recipe
 from recyclelora_jax.models import flops as flops_lib
+from recyclelora_jax.models import loops
 from recyclelora_jax.models.dinov2 import resolve_attention
 from recyclelora_jax.models.sampling import resolve_sampling
 from recyclelora_jax.models.segmentor import Segmentor
@@ -71,6 +80,8 @@ _COLLECTIVE_RE = re.compile(
     r"=\s*(\(?[^=]*?\)?)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(", re.MULTILINE
 )
 _SHAPE_RE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+_WHILE_RE = re.compile(r"\swhile\(")
+COSTS = ("flops", "bytes_accessed", "estimated_step_seconds", "images_per_second", "mfu")
 
 
 def topology(name: str) -> tuple[list[Any], Chip]:
@@ -268,7 +279,8 @@ def compile_program(
         "images_per_second": per_chip_batch / estimate if estimate else None,
         "mfu": analytic / estimate if analytic and estimate else None,
         "compile_seconds": seconds,
-        "collectives": collectives(compiled.as_text()),
+        "collectives": collectives(hlo := compiled.as_text()),
+        "while_loops": len(_WHILE_RE.findall(hlo)),  # each body counted once in the costs
     }
 
 
@@ -279,8 +291,12 @@ def preflight(
     parts: bool = True,
     evaluate: bool = True,
     log: Callable[[str], None] = print,
+    unrolled_costs: bool = False,
 ) -> dict:
-    """Compile every program for ``topology_name``; returns the report (see ``--json``)."""
+    """Compile every program for ``topology_name``; returns the report (see ``--json``).
+
+    With ``unrolled_costs`` each program is compiled again with its loops unrolled, and its
+    costs (`COSTS`) are that program's: see the module docstring."""
     devices, chip = topology(topology_name)
     mesh = make_mesh(**cfg.mesh, devices=devices)
     # "auto" attention and sampling are resolved for the target's platform, not for this host's.
@@ -301,11 +317,24 @@ def preflight(
         "bf16_peak_flops": chip.bf16_flops,
         "attention": b.attention,
         "sampling": h.get("sampling"),
+        "costs": "unrolled" if unrolled_costs else "counted",
     }
+    results = {}
     for name, (fn, args, model) in programs(cfg, mesh, per_chip_batch, parts, evaluate).items():
         log(f"compiling {name} ...")
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as the training step's own
-            result = compile_program(fn, args, chip, per_chip_batch, model)
+            results[name] = compile_program(fn, args, chip, per_chip_batch, model)
+    if unrolled_costs:
+        with loops.unrolled():  # traced afresh: new programs, every loop unrolled
+            unrolled = programs(cfg, mesh, per_chip_batch, parts, evaluate)
+            for name, (fn, args, model) in unrolled.items():
+                log(f"compiling {name} with its loops unrolled ...")
+                with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                    u = compile_program(fn, args, chip, per_chip_batch, model)
+                results[name].update({k: u[k] for k in COSTS})
+                results[name]["unrolled_while_loops"] = u["while_loops"]
+                results[name]["unrolled_compile_seconds"] = u["compile_seconds"]
+    for name, result in results.items():
         if name == "train":
             report.update(result)
         elif name == "eval":
@@ -320,13 +349,14 @@ def _fmt(x: float | None, spec: str, scale: float = 1.0) -> str:
 
 
 def format_report(r: dict) -> str:
-    """A table, one row per compiled program, all figures per chip."""
+    """A table, one row per compiled program, all figures per chip; ``*`` marks costs that
+    count some loop body once."""
     rows = [
         f"{r['topology']}: {r['chips']} x {r['chip']}, mesh {r['mesh']}, per-chip batch "
         f"{r['per_chip_batch']}, HBM {_fmt(r['hbm_capacity_bytes'], '.1f', 1 / GiB)} GiB, "
         f"attention {r['attention']}, sampling {r.get('sampling') or '-'}",
         "program | HBM GiB (args/temp/out) | fits | TFLOP (model) | GiB accessed | est. ms | "
-        "img/s | MFU | compile s | collectives (count, GiB)",
+        f"img/s | MFU | compile s | loops ({r.get('costs', 'counted')}) | collectives (count, GiB)",
     ]
     items = [("train", r), *r.get("parts", {}).items()]
     items += [("eval", r["eval"])] if "eval" in r else []
@@ -335,6 +365,11 @@ def format_report(r: dict) -> str:
         coll = ", ".join(
             f"{k} {v['count']} ({v['bytes'] / GiB:.2f})" for k, v in x["collectives"].items()
         )
+        left = x.get("unrolled_while_loops", x["while_loops"])
+        mark = "*" if left else ""
+        loop_note = str(x["while_loops"])
+        if "unrolled_while_loops" in x:
+            loop_note += f", {left} left unrolled"
         rows.append(
             " | ".join(
                 [
@@ -342,16 +377,19 @@ def format_report(r: dict) -> str:
                     f"{gib('hbm_bytes')} ({gib('argument_bytes')}/{gib('temp_bytes')}/"
                     f"{gib('output_bytes')})",
                     "yes" if x["fits"] else "NO",
-                    f"{x['flops'] / 1e12:.4g} ({x['model_flops'] / 1e12:.4g})",
-                    gib("bytes_accessed"),
-                    _fmt(x["estimated_step_seconds"], ".1f", 1e3),
+                    f"{x['flops'] / 1e12:.4g}{mark} ({x['model_flops'] / 1e12:.4g})",
+                    gib("bytes_accessed") + mark,
+                    _fmt(x["estimated_step_seconds"], ".1f", 1e3) + mark,
                     _fmt(x["images_per_second"], ".1f"),
                     _fmt(x["mfu"], ".1%"),
                     f"{x['compile_seconds']:.1f}",
+                    loop_note,
                     coll or "none",
                 ]
             )
         )
+    if any("*" in row for row in rows[2:]):
+        rows.append("* a loop body counted once, not every trip: --unrolled_costs counts them")
     return "\n".join(rows)
 
 
@@ -359,7 +397,13 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     report = preflight(
-        _CONFIG.value, _TOPOLOGY.value, _BATCH.value, _PARTS.value, _EVAL.value, log=print
+        _CONFIG.value,
+        _TOPOLOGY.value,
+        _BATCH.value,
+        _PARTS.value,
+        _EVAL.value,
+        log=print,
+        unrolled_costs=_UNROLLED.value,
     )
     print(format_report(report))
     if _JSON.value:
@@ -389,5 +433,12 @@ if __name__ == "__main__":
     _PARTS = flags.DEFINE_bool("parts", True, "Also compile backbone, head and loss alone.")
     _EVAL = flags.DEFINE_bool("eval", True, "Also compile the sliding-window evaluation step.")
     _JSON = flags.DEFINE_string("json", None, "Write the report to this JSON file.")
+    _UNROLLED = flags.DEFINE_bool(
+        "unrolled_costs",
+        False,
+        "Count every loop trip: compile each program again with its loops unrolled and take "
+        "FLOPs, bytes and the time estimate from it (compiles take longer; without it, costs "
+        "of programs with loops count each loop body once, marked *).",
+    )
     flags.mark_flag_as_required("config")
     app.run(main)

@@ -17,6 +17,7 @@ from train_helpers import run_cli, write_config_file
 from recyclelora_jax import preflight
 from recyclelora_jax.config import TINY_MASK2FORMER, base_config, smoke
 from recyclelora_jax.models import flops as flops_lib
+from recyclelora_jax.models import loops
 from recyclelora_jax.models.adapters import AdapterSpec
 from recyclelora_jax.models.dinov2 import ARCHS, DinoV2
 from recyclelora_jax.models.mask2former import Mask2FormerHead
@@ -182,3 +183,53 @@ def test_analytic_forward_flops_match_xla():
     analytic = flops_lib.mask2former_flops(head_cfg, arch.embed_dim, (8, 8)).forward
     assert _xla_flops(lambda p, f: head.apply(p, f), hp, feats) == pytest.approx(analytic, rel=0.15)
     assert np.isfinite(analytic)
+
+
+def test_unrolled_costs_count_every_scanned_layer():
+    """``cost_analysis()`` counts a scanned backbone's body once; with ``unrolled_costs`` the
+    scanned step and backbone cost what the unscanned ones cost, while memory and compile
+    time stay those of the scanned program train.py runs."""
+
+    def run(scan: bool, unrolled: bool) -> dict:
+        cfg = tiny_config()
+        cfg.model.backbone.scan_layers = scan
+        return preflight.preflight(
+            cfg, "local", 1, evaluate=False, log=lambda _: None, unrolled_costs=unrolled
+        )
+
+    counted, exact, plain = run(True, False), run(True, True), run(False, False)
+    assert (counted["costs"], exact["costs"]) == ("counted", "unrolled")
+    for c, e, p in (
+        (counted, exact, plain),
+        *((counted["parts"][k], exact["parts"][k], plain["parts"][k]) for k in ("backbone",)),
+    ):
+        assert c["while_loops"] > 0 and p["while_loops"] == e["unrolled_while_loops"] == 0
+        assert e["temp_bytes"] == c["temp_bytes"] and e["while_loops"] == c["while_loops"]
+        assert e["flops"] > 2 * c["flops"]
+        # Scanning changes the program, not the computation counted with every trip; the
+        # unrolled scan still reads the stacked copy of the layers' parameters.
+        assert e["flops"] == pytest.approx(p["flops"], rel=0.01)
+        assert e["bytes_accessed"] == pytest.approx(p["bytes_accessed"], rel=0.1)
+    marked = lambda r: preflight.format_report(r).split("\n")[2].count("*")  # the step's row
+    assert (marked(counted), marked(exact), marked(plain)) == (3, 0, 0)
+    assert "loops (counted)" in preflight.format_report(counted)
+
+
+def test_unrolled_loss_counts_every_prediction_set():
+    """The set loss runs its sets in a loop: unrolled, its FLOPs are about the number of sets
+    times what the counted program shows for one set's terms."""
+    cfg = smoke(base_config())
+    cfg.data.crop_size = 32
+    cfg.model.head.decoder_layers = 3  # 4 prediction sets
+    mesh = preflight.make_mesh(devices=jax.devices()[:1])
+    chip = preflight.topology("local")[1]
+
+    def loss_costs() -> dict:
+        fn, args, model = preflight.programs(cfg, mesh, 1, parts=True, evaluate=False)["loss"]
+        return preflight.compile_program(fn, args, chip, 1, model)
+
+    counted = loss_costs()
+    with loops.unrolled():
+        exact = loss_costs()
+    assert 2.5 < exact["flops"] / counted["flops"] < 4.5
+    assert exact["bytes_accessed"] > 1.5 * counted["bytes_accessed"]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from recyclelora_jax.classes import IGNORE, NUM_CLASSES
 from recyclelora_jax.losses.matching import hungarian_match
+from recyclelora_jax.models import loops
 from recyclelora_jax.models.resize import resize_bilinear
 from recyclelora_jax.models.sampling import (
     bilinear_corners,
@@ -242,9 +243,9 @@ def mask2former_loss(
     """Mask2Former's loss: weighted terms summed over all prediction sets (aux sets, then the
     final one). Returns (scalar, named weighted terms).
 
-    Costs and terms run one set after another (``lax.map``: only one set's sampled points are
-    alive); the matchings of all sets and images are one vmapped Hungarian solve, so its
-    sequential loop runs once, not once per set.
+    Costs and terms run one set after another (``loops.sequential_map``: only one set's
+    sampled points are alive); the matchings of all sets and images are one vmapped Hungarian
+    solve, so its sequential loop runs once, not once per set.
     """
     check_labels(labels)
     # float32 statistics from 16-bit outputs: class logits here, mask logits where sampled.
@@ -256,7 +257,7 @@ def mask2former_loss(
     points = lambda key: sample_loss_points(key, batch, cfg)
 
     codes = corner_classes(labels, cfg.num_classes)
-    cost = jax.lax.map(
+    cost = loops.sequential_map(
         lambda a: set_match(a[0], a[1], codes, points(a[2])[0], cfg), (logits, masks, keys)
     )
     valid = present_classes(labels, cfg.num_classes)
@@ -266,7 +267,7 @@ def mask2former_loss(
         lg, mk, mt, key = args
         return set_terms(lg, mk, codes, valid, mt, *points(key)[1:], cfg)
 
-    terms = jax.lax.map(one_set, (logits, masks, match, keys))
+    terms = loops.sequential_map(one_set, (logits, masks, match, keys))
     weighted = {
         "class": cfg.class_weight * terms["class"].sum(),
         "mask": cfg.mask_weight * terms["mask"].sum(),

@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from recyclelora_jax.models import loops
+
 Params = Any
 Carry = Any
 
@@ -50,6 +52,6 @@ def scan_over_layers(
     the per-layer ``y`` stacked along a leading axis."""
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
     if with_outputs:
-        return jax.lax.scan(lambda c, p_x: step(p_x[0], c, p_x[1]), carry, (stacked, xs))
+        return loops.scan(lambda c, p_x: step(p_x[0], c, p_x[1]), carry, (stacked, xs))
     body = lambda c, p_x: (step(p_x[0], c, p_x[1]), None)
-    return jax.lax.scan(body, carry, (stacked, xs))[0]
+    return loops.scan(body, carry, (stacked, xs))[0]

@@ -35,6 +35,7 @@ from recyclelora_jax.data.pipeline import Source, make_train_loader
 from recyclelora_jax.data.synthetic import prepare_synthetic_once
 from recyclelora_jax.evaluate.suite import check_eval
 from recyclelora_jax.losses import LossConfig
+from recyclelora_jax.models import loops
 from recyclelora_jax.models.dinov2 import DinoV2
 from recyclelora_jax.models.segmentor import Segmentor
 from recyclelora_jax.train import optim
@@ -242,7 +243,7 @@ def make_train_step(setup: Setup, state: State, frozen: Params) -> Callable:
 
         shapes = jax.eval_shape(grad_fn, trainable, frozen, micro[0][0], micro[1][0], rng)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), *micro))
+        total, _ = loops.scan(body, zeros, (jnp.arange(accum), *micro))
         return jax.tree.map(lambda x: x / accum, total)
 
     compute_grads = grad_fn if accum == 1 else accumulated_grad_fn
