@@ -17,6 +17,8 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from recyclelora_jax import hugepages
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     str(Path(__file__).resolve().parent / "configs" / "demo.py"),
@@ -64,4 +66,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()  # before JAX allocates: XLA:CPU's buffers on huge pages
     app.run(main)

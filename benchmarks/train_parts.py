@@ -9,9 +9,10 @@ JAX runs the package's own pieces (``setup.model.backbone`` / ``.head``, the con
 (``train.trainer.make_train_step``). A part's input is the previous part's real output, its
 output cotangent a fixed random tensor. PyTorch runs ``step_builders.TorchStep``'s stages with
 detached inputs. Each framework runs in its own child process, one after the other, on the same
-pinned cores; inside a child the parts are timed in alternating rounds (median of
-``--repeats``). XLA's own figures per compiled part (bytes accessed, temp memory) do not depend
-on the load.
+pinned cores (the JAX child re-executed with glibc's huge-page tunable as ``train.py`` is;
+``RECYCLELORA_HUGEPAGES=0`` turns that off); inside a child the parts are timed in alternating
+rounds (median of ``--repeats``). XLA's own figures per compiled part (bytes accessed, temp
+memory) do not depend on the load.
 
     python benchmarks/train_parts.py --sizes s            # ViT-S, 3 rounds
 """
@@ -31,6 +32,8 @@ from collections.abc import Callable
 
 from quiet import QUIET, check_load
 from step_builders import add_step_args, check_step_args, jax_state, schedule, torch_step
+
+from recyclelora_jax import hugepages
 
 PARTS = ("backbone", "head", "loss", "optimizer", "step")
 
@@ -264,6 +267,8 @@ def main() -> None:
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
     if args.child:
         framework, size = args.child
+        if framework == "jax":
+            hugepages.reexec_with_huge_pages()  # what train.py does
         result = (run_jax if framework == "jax" else run_torch)(size, args)
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(json.dumps(result))

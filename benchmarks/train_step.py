@@ -12,7 +12,9 @@ transformers' ``Mask2FormerPixelDecoder`` + ``Mask2FormerTransformerModule`` + c
 ``Mask2FormerLoss`` with the recipe's weights and point sampling, ``torch.optim.AdamW``.
 
 Each (size, framework) runs in its own child process on the same pinned cores (peak RSS is its
-own); the parent prints a markdown table with torch / JAX time ratios.
+own; the JAX child re-executes with glibc's huge-page tunable as ``train.py`` does,
+``RECYCLELORA_HUGEPAGES=0`` turns that off); the parent prints a markdown table with torch / JAX
+time ratios.
 
     python benchmarks/train_step.py                      # ViT-S and ViT-B, 2 timed steps
     python benchmarks/train_step.py --sizes l --steps 1 --remat  # ViT-L in less memory
@@ -39,6 +41,8 @@ from step_builders import (
     timed_steps,
     torch_step,
 )
+
+from recyclelora_jax import hugepages
 
 
 def parse_args() -> argparse.Namespace:
@@ -117,6 +121,8 @@ def run_torch(size: str, args: argparse.Namespace) -> dict:
 
 def child(args: argparse.Namespace) -> None:
     framework, size = args.child
+    if framework == "jax":
+        hugepages.reexec_with_huge_pages()  # what train.py does
     result = (run_jax if framework == "jax" else run_torch)(size, args)
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps(result))
