@@ -3,15 +3,16 @@
 XLA:CPU mallocs each program's temporary buffer (GiBs in the training step) and its outputs from
 its worker threads. glibc serves requests above its mmap threshold (at most 32 MiB) with a
 fresh mmap and unmaps it on free, so every call faults in and zeroes every 4 KiB page again:
-ViT-S at 512 px spent 13 of its 23 s step in the kernel (``docs/BENCHMARKS.md``). Turning mmap
-off (``M_MMAP_MAX=0``) does not help: a thread's arena still maps what its 64 MiB heaps cannot
-hold. glibc's ``glibc.malloc.hugetlb=1`` tunable madvises those maps as transparent huge pages,
-512x fewer faults; glibc reads it only from ``GLIBC_TUNABLES`` at process start (there is no
-``mallopt`` for it), hence one re-exec of the interpreter with the same command line.
+the ViT-S step's parts at 512 px spent 13 of their 23 s in the kernel (``docs/BENCHMARKS.md``).
+Turning mmap off (``M_MMAP_MAX=0``) does not help: a thread's arena still maps what its 64 MiB
+heaps cannot hold. glibc's ``glibc.malloc.hugetlb=1`` tunable madvises those maps as
+transparent huge pages, 512x fewer faults; glibc reads it only from ``GLIBC_TUNABLES`` at
+process start (there is no ``mallopt`` for it), hence one re-exec of the interpreter with the
+same command line.
 
-Nothing happens off Linux/glibc >= 2.35, where the kernel has transparent huge pages off, where
-``GLIBC_TUNABLES`` already names the tunable (the user's value is kept), or with
-``RECYCLELORA_HUGEPAGES=0``.
+Nothing happens off Linux/glibc >= 2.35, unless the kernel's THP mode is ``madvise`` (with
+``always`` every map gets huge pages anyway, with ``never`` none can), where ``GLIBC_TUNABLES``
+already names the tunable (the user's value is kept), or with ``RECYCLELORA_HUGEPAGES=0``.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ def _glibc_version() -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".")[:2]) if name == "glibc" else ()
 
 
-def _thp_available() -> bool:
+def _thp_on_madvise() -> bool:
     try:
         with open(_THP) as f:
-            return "[never]" not in f.read()
+            return "[madvise]" in f.read()
     except OSError:
         return False
 
@@ -50,7 +51,7 @@ def huge_pages_env(environ: Mapping[str, str]) -> dict[str, str] | None:
         or TUNABLE in tunables
         or not sys.platform.startswith("linux")
         or _glibc_version() < (2, 35)
-        or not _thp_available()
+        or not _thp_on_madvise()
     ):
         return None
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, f"{TUNABLE}=1")))}

@@ -38,7 +38,7 @@ def test_reexec_sets_the_tunable_and_cuts_the_page_faults():
     applied, huge = _child()
     opted_out, small = _child(**{hugepages.OPT_OUT: "0"})
     assert opted_out == ""
-    if hugepages.huge_pages_env({}) is None:  # no glibc >= 2.35 or no THP here: nothing to do
+    if hugepages.huge_pages_env({}) is None:  # no glibc >= 2.35, or THP not on madvise
         assert applied == ""
         return
     assert applied == "glibc.malloc.hugetlb=1"
