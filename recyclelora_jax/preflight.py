@@ -389,7 +389,14 @@ def format_report(r: dict) -> str:
             )
         )
     if any("*" in row for row in rows[2:]):
-        rows.append("* a loop body counted once, not every trip: --unrolled_costs counts them")
+        rows.append(
+            "* a loop body counted once, not every trip: "
+            + (
+                "loops the package does not unroll (the matcher's)"
+                if r.get("costs") == "unrolled"
+                else "--unrolled_costs counts them"
+            )
+        )
     return "\n".join(rows)
 
 
