@@ -319,18 +319,20 @@ def preflight(
         "sampling": h.get("sampling"),
         "costs": "unrolled" if unrolled_costs else "counted",
     }
-    results = {}
-    for name, (fn, args, model) in programs(cfg, mesh, per_chip_batch, parts, evaluate).items():
-        log(f"compiling {name} ...")
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as the training step's own
-            results[name] = compile_program(fn, args, chip, per_chip_batch, model)
+
+    def compile_all(how: str = "") -> dict[str, dict]:
+        """Every program traced afresh (so a loop switch in context reaches it) and compiled."""
+        out = {}
+        for name, (fn, args, model) in programs(cfg, mesh, per_chip_batch, parts, evaluate).items():
+            log(f"compiling {name}{how} ...")
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as the training step's own
+                out[name] = compile_program(fn, args, chip, per_chip_batch, model)
+        return out
+
+    results = compile_all()
     if unrolled_costs:
-        with loops.unrolled():  # traced afresh: new programs, every loop unrolled
-            unrolled = programs(cfg, mesh, per_chip_batch, parts, evaluate)
-            for name, (fn, args, model) in unrolled.items():
-                log(f"compiling {name} with its loops unrolled ...")
-                with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-                    u = compile_program(fn, args, chip, per_chip_batch, model)
+        with loops.unrolled():
+            for name, u in compile_all(" with its loops unrolled").items():
                 results[name].update({k: u[k] for k in COSTS})
                 results[name]["unrolled_while_loops"] = u["while_loops"]
                 results[name]["unrolled_compile_seconds"] = u["compile_seconds"]
@@ -392,7 +394,7 @@ def format_report(r: dict) -> str:
         rows.append(
             "* a loop body counted once, not every trip: "
             + (
-                "loops the package does not unroll (the matcher's)"
+                "loops the package does not unroll (the matcher's; on a CPU, the random bits')"
                 if r.get("costs") == "unrolled"
                 else "--unrolled_costs counts them"
             )
